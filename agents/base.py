@@ -1,0 +1,186 @@
+"""The interface every teacher shares, the agent registry, and the checkpoint format.
+
+A teacher maps an observation of ``Teaching-v0`` to one weight per sample (``act``). Online
+learners also update themselves after every env step (``observe``). Learned teachers save a
+checkpoint holding their tensors, class, config, the observation spec they were trained on and
+library versions; ``load_teacher`` refuses one that does not fit the env it is meant for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from envs.observation import observation_spec
+from students.data import check_name
+
+CHECKPOINT_FORMAT = "l2t-gym-teacher"
+CHECKPOINT_VERSION = 1
+
+# name -> "module:Class". A new teacher is one file in agents/ and one line here.
+AGENTS: dict[str, str] = {
+    "uniform": "agents.heuristics:UniformTeacher",
+    "spl": "agents.heuristics:SelfPacedTeacher",
+    "small_loss": "agents.heuristics:SmallLossTeacher",
+    "meta_grad": "agents.meta_grad:MetaGradTeacher",
+    "mwnet": "agents.meta_grad:MetaWeightNetTeacher",
+    "l2rw": "agents.meta_grad:ReweightTeacher",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not fit the env it is loaded for."""
+
+
+class Teacher:
+    """Base class of all teachers. Subclasses set ``name`` and implement ``act``.
+
+    ``learned`` teachers keep tensors (``state_dict``) that ``save`` writes; ``online`` teachers
+    update themselves in ``observe`` after each env step while ``training`` is True.
+    """
+
+    name: ClassVar[str] = ""
+    learned: ClassVar[bool] = False
+
+    def __init__(self, **config: Any):
+        self.config = config
+        self.training = False
+        self.trained_on: dict | None = None  # observation spec of the env it learned on
+
+    def act(self, obs: dict) -> torch.Tensor:
+        """One weight in [0, 1] per sample of the observed batch, shape (batch_size,)."""
+        raise NotImplementedError
+
+    def observe(self, env: Any, reward: float, done: bool, info: dict) -> dict[str, float]:
+        """Called after every ``env.step``; online learners update here. Returns scalars to log."""
+        return {}
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Switch online learning on or off (frozen teachers only act)."""
+        self.training = mode
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def check_env(self, env: Any) -> None:
+        """Raise ``CheckpointError`` naming the difference if this teacher cannot act on ``env``."""
+        if self.trained_on is None:
+            return
+        current = observation_spec(env)
+        for key, trained in self.trained_on.items():
+            if key == "batch_size" and not self.needs_batch_size:
+                continue
+            if current.get(key) != trained:
+                raise CheckpointError(
+                    f"teacher {self.name!r} was trained on observations with {key} = {trained}, "
+                    f"but this env has {key} = {current.get(key)}; train a teacher for this env or use a matching one"
+                )
+
+    needs_batch_size: ClassVar[bool] = False
+
+    def save(self, path: str | Path, env: Any = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint atomically (temporary file, then rename) and return its path."""
+        spec = observation_spec(env) if env is not None else self.trained_on
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "agent": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "config": self.config,
+            "obs_spec": spec,
+            "state": self.state_dict(),
+            "extra": extra or {},
+            "versions": library_versions(),
+        }
+        return atomic_torch_save(checkpoint, Path(path))
+
+
+def library_versions() -> dict[str, str]:
+    import gymnasium
+
+    from envs import __version__
+
+    return {"l2t_gym": __version__, "torch": torch.__version__, "gymnasium": gymnasium.__version__, "numpy": np.__version__}
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def agent_class(name: str) -> type[Teacher]:
+    """The class registered under ``name``."""
+    check_name("agent", name, list(AGENTS))
+    module, cls = AGENTS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_agent(name: str, **config: Any) -> Teacher:
+    """Build the teacher registered as ``name`` with ``config``."""
+    return agent_class(name)(**config)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint file or a ``runs/<name>/`` folder; never executes code."""
+    path = Path(path)
+    file = path / "teacher.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no teacher checkpoint at {file} (expected a runs/<name>/ folder or its teacher.pt)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"{file} is not a readable l2t-gym checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file} is not an l2t-gym teacher checkpoint (no '{CHECKPOINT_FORMAT}' format marker)")
+    if checkpoint.get("format_version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{file} has checkpoint format version {checkpoint.get('format_version')}, this l2t-gym reads version "
+            f"{CHECKPOINT_VERSION}; re-train the teacher or use the l2t-gym version that wrote it "
+            f"({checkpoint.get('versions', {}).get('l2t_gym')})"
+        )
+    if checkpoint.get("agent") not in AGENTS:
+        raise CheckpointError(f"{file} holds an unknown agent {checkpoint.get('agent')!r}; known agents: {', '.join(AGENTS)}")
+    return checkpoint
+
+
+def load_teacher(path: str | Path, env: Any = None, device: str | torch.device = "cpu") -> Teacher:
+    """Load any saved teacher; with ``env``, refuse it unless it can act on that env."""
+    checkpoint = read_checkpoint(path)
+    teacher = make_agent(checkpoint["agent"], **checkpoint["config"])
+    teacher.trained_on = checkpoint["obs_spec"]
+    try:
+        teacher.load_state_dict(checkpoint["state"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the saved state does not fit agent {checkpoint['agent']!r}: {e}") from e
+    if hasattr(teacher, "to"):
+        teacher.to(device)
+    if env is not None:
+        teacher.check_env(env)
+    return teacher
+
+
+def as_tensor_obs(obs: dict, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Observation entries as float32 tensors on ``device`` (no copy when they already are)."""
+    return {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in obs.items()}

@@ -1,0 +1,272 @@
+"""L2T-DIN meta-gradient teachers (Fan et al. 2020), with Meta-Weight-Net and Learning-to-Reweight
+as special cases.
+
+A teacher network reads each sample's internal-state and surface features (plus the broadcast
+global features) and gives it a weight in (0, 1). It learns jointly with the student: every
+``unroll`` = B real student updates, it takes the exact gradient of the clean validation loss
+after those updates with respect to its own parameters, through the updates themselves (momentum
+SGD and weight decay as the env applied them), then an Adam step. The observation features are
+inputs, not differentiated through (as in Meta-Weight-Net).
+
+B = 1 needs no double backward: with theta' = update(theta, w), dL_val/dw_i is a linear function
+of the inner products <grad L_val(theta'), grad l_i(theta)> (see ``weight_gradient``), and those n
+inner products are one forward-mode JVP of the per-sample losses along grad L_val(theta'). B > 1 replays the B updates
+with ``create_graph=True`` and back-propagates (method ``backward``; also available for B = 1 as the
+reference the JVP path is tested against).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwad
+from torch import nn
+
+from agents.base import Teacher, as_tensor_obs
+from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
+from students.functional import WEIGHT_SUM_EPS, Params, sgd_update
+
+FEATURE_SETS = ("all", "surface", "loss")
+METHODS = ("auto", "jvp", "backward")
+
+
+def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
+    """Per-sample input rows (batch, in_dim): ``all`` = samples + internal + global, ``surface`` =
+    samples + global, ``loss`` = the loss alone (Meta-Weight-Net's input)."""
+    samples = obs["samples"]
+    if features == "loss":
+        return samples[:, :1]
+    broadcast = obs["global"].expand(samples.shape[0], -1)
+    parts = [samples, obs["internal"], broadcast] if features == "all" else [samples, broadcast]
+    return torch.cat(parts, 1)
+
+
+def input_size(features: str) -> int:
+    sizes = {"loss": 1, "surface": len(SAMPLE_FEATURES) + len(GLOBAL_FEATURES)}
+    return sizes.get(features, len(SAMPLE_FEATURES) + len(INTERNAL_FEATURES) + len(GLOBAL_FEATURES))
+
+
+class WeightNet(nn.Module):
+    """Per-sample MLP -> logit -> sigmoid weight; with ``context``, each hidden row also sees the
+    batch mean of the hidden rows (a permutation-invariant view of the whole batch).
+
+    The env normalises weights by their sum, so only their ratios matter; the logits are therefore
+    centred on the batch mean plus a fixed offset (logit of ``init_weight``). That removes the one
+    direction the meta-gradient cannot see, which otherwise drifts the sigmoid into saturation.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, context: bool, init_weight: float):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers
+        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.context = nn.Linear(hidden, hidden) if context else None
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.offset = float(torch.logit(torch.tensor(init_weight)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.body:
+            h = torch.relu(layer(h))
+        if self.context is not None:
+            h = torch.relu(h + self.context(h.mean(0, keepdim=True)))
+        logits = self.out(h).squeeze(1)
+        return torch.sigmoid(logits - logits.mean() + self.offset)
+
+
+class MetaGradTeacher(Teacher):
+    """L2T-DIN: weights from internal + surface features, trained by exact meta-gradients through
+    the last ``unroll`` real student updates."""
+
+    name = "meta_grad"
+    learned = True
+
+    def __init__(
+        self,
+        features: str = "all",
+        hidden: int = 64,
+        layers: int = 2,
+        context: bool = True,
+        unroll: int = 1,
+        meta_lr: float = 1e-3,
+        meta_weight_decay: float = 1e-4,
+        val_batch: int = 256,
+        method: str = "auto",
+        init_weight: float = 0.9,
+        seed: int = 0,
+    ):
+        if features not in FEATURE_SETS:
+            raise ValueError(f"unknown features {features!r}; valid features: {', '.join(FEATURE_SETS)}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+        if unroll < 1:
+            raise ValueError(f"unroll (B) must be >= 1, got {unroll}")
+        if method == "jvp" and unroll != 1:
+            raise ValueError("method 'jvp' computes the one-step (B = 1) meta-gradient; use 'backward' or 'auto' for unroll > 1")
+        if not 0 < init_weight < 1:
+            raise ValueError(f"init_weight must be in (0, 1), got {init_weight}")
+        super().__init__(
+            features=features, hidden=hidden, layers=layers, context=context, unroll=unroll, meta_lr=meta_lr,
+            meta_weight_decay=meta_weight_decay, val_batch=val_batch, method=method, init_weight=init_weight, seed=seed,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = WeightNet(input_size(features), hidden, layers, context, init_weight)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+        self.device = torch.device("cpu")
+        self._window: deque[tuple[Any, torch.Tensor]] = deque()
+        self._pending: torch.Tensor | None = None
+
+    @property
+    def method(self) -> str:
+        chosen = self.config["method"]
+        return ("jvp" if self.config["unroll"] == 1 else "backward") if chosen == "auto" else chosen
+
+    def to(self, device: torch.device | str) -> MetaGradTeacher:
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ acting
+    def weights(self, obs: dict) -> torch.Tensor:
+        """Weights as a differentiable function of the teacher's parameters."""
+        return self.net(teacher_inputs(as_tensor_obs(obs, self.device), self.config["features"]))
+
+    def act(self, obs: dict) -> torch.Tensor:
+        if not self.training:
+            with torch.no_grad():
+                return self.weights(obs)
+        self._pending = self.weights(obs)
+        return self._pending.detach()
+
+    # ------------------------------------------------------------------ learning
+    def observe(self, env: Any, reward: float, done: bool, info: dict) -> dict[str, float]:
+        """Queue the update just taken; every B updates (and at episode end) take a meta step."""
+        if not self.training or self._pending is None:
+            return {}
+        weights, self._pending = self._pending, None
+        if info.get("diverged"):
+            self._window.clear()
+            return {}
+        self._window.append((env.unwrapped.last_transition, weights))
+        if len(self._window) < self.config["unroll"] and not done:
+            return {}
+        return self.meta_step(env.unwrapped)
+
+    def meta_step(self, env: Any) -> dict[str, float]:
+        """One Adam step on the teacher from the queued updates; returns the validation loss."""
+        transitions, weights = zip(*self._window)
+        self._window.clear()
+        val_indices = env.val_indices(self.config["val_batch"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.method == "jvp" and len(transitions) == 1:
+            last = transitions[0]
+            val_loss, weight_grad = weight_gradient(
+                env, last.params, env.params, last.indices, last.lr, val_indices, weights[0].detach()
+            )
+            weights[0].backward(weight_grad)
+        else:
+            val_loss = unrolled_val_loss(env, transitions, weights, val_indices)
+            val_loss.backward()
+        self.optimizer.step()
+        return {"meta_loss": float(val_loss)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+def weight_gradient(
+    env: Any, before: Params, after: Params, indices: torch.Tensor, lr: float, val_indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_val(after), dL_val/dw) for one update before -> after of the batch ``indices`` taken with
+    ``weights``, without double backward.
+
+    The update minimised L = sum_j w_j l_j / S with S = sum_j w_j, so with v = grad L_val(after) and
+    a_i = <v, grad l_i(before)>: dL_val/dw_i = -(lr / S) (a_i - sum_j w_j a_j / S). The n inner
+    products a_i are the tangent of one forward-mode pass of the per-sample losses along v.
+    """
+    inner, val_loss = validation_alignment(env, before, after, indices, val_indices)
+    total = weights.sum()
+    if total <= WEIGHT_SUM_EPS:  # the clamped denominator is a constant there
+        return val_loss, -(lr / WEIGHT_SUM_EPS) * inner
+    return val_loss, -(lr / total) * (inner - (weights * inner).sum() / total)
+
+
+def validation_alignment(
+    env: Any, before: Params, after: Params, indices: torch.Tensor, val_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, L_val(after)) with a_i = <grad L_val(after), grad l_i(before)> for the samples ``indices``,
+    from one forward-mode JVP of the per-sample losses (no double backward)."""
+    after = {n: p.detach().requires_grad_() for n, p in after.items()}
+    val_loss = env.val_loss(after, val_indices)
+    direction = torch.autograd.grad(val_loss, list(after.values()))
+    with fwad.dual_level():
+        dual = {n: fwad.make_dual(p.detach(), d) for (n, p), d in zip(before.items(), direction)}
+        inner = fwad.unpack_dual(env.per_sample_losses(dual, indices)).tangent
+    return inner, val_loss.detach()
+
+
+def unrolled_val_loss(env: Any, transitions: tuple, weights: tuple, val_indices: torch.Tensor) -> torch.Tensor:
+    """L_val after replaying ``transitions`` with ``weights``, differentiable in the weights
+    (reverse mode through every update: needs double backward)."""
+    first = transitions[0]
+    params = {n: p.detach().requires_grad_() for n, p in first.params.items()}
+    momentum = {n: m.detach() for n, m in first.momentum.items()}
+    for transition, w in zip(transitions, weights):
+        params, momentum = env.replay_update(transition, params, momentum, w, create_graph=True)
+    return env.val_loss(params, val_indices)
+
+
+class MetaWeightNetTeacher(MetaGradTeacher):
+    """Meta-Weight-Net (Shu et al. 2019): loss -> 100 hidden units -> sigmoid weight, one-step
+    meta-gradient. The same machinery as ``meta_grad`` with surface loss as the only input."""
+
+    name = "mwnet"
+
+    def __init__(
+        self, hidden: int = 100, meta_lr: float = 1e-3, val_batch: int = 256, init_weight: float = 0.9, seed: int = 0, **kw
+    ):
+        super().__init__(
+            features="loss", hidden=hidden, layers=1, context=False, unroll=1, meta_lr=meta_lr,
+            val_batch=val_batch, init_weight=init_weight, seed=seed, **kw,
+        )  # fmt: skip
+
+
+class ReweightTeacher(Teacher):
+    """Learning to Reweight (Ren et al. 2018): no network; each batch's weights come from one
+    meta-gradient step at w = 0: w_i ∝ max(0, -dL_val/dw_i). They are normalised to a largest weight
+    of 1 (the action box), which keeps Ren et al.'s relative weights."""
+
+    name = "l2rw"
+
+    def __init__(self, val_batch: int = 256):
+        super().__init__(val_batch=val_batch)
+        self.training = True  # it has nothing to freeze: it always computes its weights online
+        self.env: Any = None
+
+    def bind(self, env: Any) -> ReweightTeacher:
+        """``l2rw`` needs the env's differentiable access to compute weights."""
+        self.env = env.unwrapped
+        return self
+
+    def act(self, obs: dict) -> torch.Tensor:
+        if self.env is None:
+            raise RuntimeError("l2rw computes weights from the student itself: call teacher.bind(env) first")
+        env = self.env
+        with torch.no_grad():  # the virtual update with all weights 0: momentum and weight decay only
+            zero_grads = {n: torch.zeros_like(p) for n, p in env.params.items()}
+            virtual, _ = sgd_update(env.params, env.momentum, zero_grads, env.lr_now, env.sgd)
+        val_indices = env.val_indices(self.config["val_batch"])
+        inner, _ = validation_alignment(env, env.params, virtual, env.batch_indices, val_indices)
+        raw = inner.clamp(min=0)  # -dL_val/d(eps_i) at eps = 0 is proportional to the alignment
+        top = raw.max()
+        return torch.where(top > 0, raw / top.clamp(min=1e-30), torch.zeros_like(raw))

@@ -1,0 +1,153 @@
+"""Observation features of ``Teaching-v0``: fixed-size and independent of the student's architecture.
+
+Three groups, all float32 and computed on the data's device:
+
+- ``global`` (G,): training progress, shared by the whole batch;
+- ``samples`` (batch, F): surface statistics of each sample under the current student;
+- ``internal`` (batch, D): statistics of each sample's hidden states in the student's
+  second-to-last layer and one deeper layer. They use only norms ratios and cosine similarities
+  (to running class centroids and to the other samples of the batch), so they are unchanged by any
+  orthogonal rotation of a hidden layer and have the same size for every layer width.
+
+The feature tables below are the specification; the README's tables are generated from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+GLOBAL_FEATURES = (
+    ("progress", "fraction of the episode's updates done, t / horizon"),
+    ("lr_ratio", "current learning rate / initial learning rate"),
+    ("train_loss", "running mean (EMA 0.9) of the training loss on the given labels"),
+    ("train_acc", "running mean (EMA 0.9) of the batch accuracy on the given labels"),
+    ("val_loss", "clean validation loss at the latest evaluation (log K before the first)"),
+    ("val_acc", "clean validation accuracy at the latest evaluation (1 / K before the first)"),
+    ("best_val_acc", "best clean validation accuracy so far in the episode"),
+    ("epochs", "passes over the training set so far, divided by the episode's total"),
+)
+SAMPLE_FEATURES = (
+    ("loss", "cross-entropy of the sample under its given label"),
+    ("loss_vs_mean", "loss minus the running mean training loss"),
+    ("loss_history", "this sample's loss averaged (EMA 0.5) over its earlier visits; its loss on the first"),
+    ("p_label", "predicted probability of the given label"),
+    ("margin", "p_label minus the largest probability of another class"),
+    ("entropy", "entropy of the prediction divided by log K"),
+    ("agrees", "1 if the predicted class is the given label, else 0"),
+)
+_LAYER_FEATURES = (
+    ("log_norm", "log feature norm minus the batch mean of log norms"),
+    ("cos_own", "cosine to the running centroid of the sample's given class"),
+    ("cos_other", "largest cosine to the running centroid of another class"),
+    ("centroid_margin", "cos_own minus cos_other"),
+    ("knn_agree", "fraction of the sample's 5 nearest batch neighbours (cosine) that share its label"),
+)
+LAYERS = (("deep", "a deeper hidden layer"), ("penult", "the second-to-last layer"))
+INTERNAL_FEATURES = tuple((f"{layer}_{name}", f"{text}, in {where}") for layer, where in LAYERS for name, text in _LAYER_FEATURES)
+
+CENTROID_MOMENTUM = 0.9
+RUNNING_MOMENTUM = 0.9
+LOSS_HISTORY_MOMENTUM = 0.5
+NEIGHBOURS = 5
+
+
+class ObservationBuilder:
+    """Turns a student's outputs on a batch into the observation, keeping the running statistics
+    (class centroids per layer, per-sample loss history, running train loss) that features need."""
+
+    def __init__(self, num_train: int, num_classes: int, device: torch.device | str):
+        self.num_classes = num_classes
+        self.loss_history = torch.zeros(num_train, device=device)
+        self.visited = torch.zeros(num_train, dtype=torch.bool, device=device)
+        self.centroids: list[torch.Tensor | None] = [None, None]
+        self.train_loss = torch.tensor(math.log(num_classes), device=device)
+        self.train_acc = torch.tensor(1.0 / num_classes, device=device)
+
+    def state_dict(self) -> dict:
+        return {
+            "loss_history": self.loss_history.cpu(), "visited": self.visited.cpu(),
+            "centroids": [c.cpu() if c is not None else torch.zeros(0) for c in self.centroids],
+            "train_loss": self.train_loss.cpu(), "train_acc": self.train_acc.cpu(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.loss_history.device
+        self.loss_history, self.visited = state["loss_history"].to(device), state["visited"].to(device)
+        self.centroids = [c.to(device) if c.numel() else None for c in state["centroids"]]
+        self.train_loss, self.train_acc = state["train_loss"].to(device), state["train_acc"].to(device)
+
+    def samples(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Per-sample surface features (batch, F); also folds the batch into the running statistics."""
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        probs = log_probs.exp()
+        loss = -log_probs.gather(1, labels[:, None]).squeeze(1)
+        p_label = probs.gather(1, labels[:, None]).squeeze(1)
+        p_other = probs.scatter(1, labels[:, None], -1.0).amax(1)
+        entropy = -(probs * log_probs).sum(1) / math.log(self.num_classes)
+        agrees = (logits.argmax(1) == labels).float()
+        history = torch.where(self.visited[indices], self.loss_history[indices], loss)
+        features = torch.stack([loss, loss - self.train_loss, history, p_label, p_label - p_other, entropy, agrees], 1)
+        self.loss_history[indices] = LOSS_HISTORY_MOMENTUM * history + (1 - LOSS_HISTORY_MOMENTUM) * loss
+        self.visited[indices] = True
+        self.train_loss = RUNNING_MOMENTUM * self.train_loss + (1 - RUNNING_MOMENTUM) * loss.mean()
+        self.train_acc = RUNNING_MOMENTUM * self.train_acc + (1 - RUNNING_MOMENTUM) * agrees.mean()
+        return features
+
+    def internal(self, hidden_layers: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample internal-state features (batch, D) from the last two hidden layers."""
+        if len(hidden_layers) < 2:
+            raise ValueError(f"internal features need at least two hidden layers, the student exposes {len(hidden_layers)}")
+        blocks = []
+        for slot, h in enumerate(hidden_layers[-2:]):
+            blocks.append(self._layer_features(slot, h.detach().float().flatten(1), labels))
+        return torch.cat(blocks, 1)
+
+    def _layer_features(self, slot: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        norm = h.norm(dim=1)
+        log_norm = torch.log(norm + 1e-8)
+        unit = h / (norm[:, None] + 1e-8)
+        centroids = self._update_centroids(slot, unit, labels)
+        cos = unit @ F.normalize(centroids, dim=1, eps=1e-8).T  # (batch, K)
+        cos_own = cos.gather(1, labels[:, None]).squeeze(1)
+        cos_other = cos.scatter(1, labels[:, None], -2.0).amax(1)
+        return torch.stack(
+            [log_norm - log_norm.mean(), cos_own, cos_other, cos_own - cos_other, self._knn_agreement(unit, labels)], 1
+        )
+
+    def _update_centroids(self, slot: int, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Running (EMA) centroid of the unit features of each given class; returns the pre-update ones."""
+        sums = torch.zeros(self.num_classes, unit.shape[1], device=unit.device).index_add_(0, labels, unit)
+        counts = torch.bincount(labels, minlength=self.num_classes).to(unit.dtype)[:, None]
+        batch_means = sums / counts.clamp(min=1)
+        previous = self.centroids[slot]
+        if previous is None or previous.shape != batch_means.shape:
+            previous = batch_means
+        present = counts > 0
+        self.centroids[slot] = torch.where(
+            present, CENTROID_MOMENTUM * previous + (1 - CENTROID_MOMENTUM) * batch_means, previous
+        )
+        return previous
+
+    @staticmethod
+    def _knn_agreement(unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        k = min(NEIGHBOURS, len(labels) - 1)
+        if k <= 0:
+            return torch.ones(len(labels), device=unit.device)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-3.0)
+        neighbours = similarity.topk(k, dim=1).indices
+        return (labels[neighbours] == labels[:, None]).float().mean(1)
+
+
+def observation_spec(env) -> dict:
+    """What a teacher trained on ``env`` relies on: the feature names of each entry and the batch size."""
+    env = env.unwrapped
+    return {
+        "global": [name for name, _ in GLOBAL_FEATURES],
+        "samples": [name for name, _ in SAMPLE_FEATURES],
+        "internal": [name for name, _ in INTERNAL_FEATURES],
+        "batch_size": int(env.batch_size),
+    }

@@ -1,0 +1,388 @@
+"""``Teaching-v0``: training one student network, one weighted mini-batch update per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES, ObservationBuilder
+from envs.rewards import make_reward
+from students.data import BatchSampler, load_dataset
+from students.functional import LR_SCHEDULES, FunctionalStudent, Params, SGDConfig, sgd_update
+from students.models import make_student
+from students.noise import corrupt_labels
+
+EVAL_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What one real student update started from; a meta-gradient teacher replays it differentiably."""
+
+    params: Params  # parameters before the update
+    momentum: Params  # momentum buffers before the update
+    indices: torch.Tensor  # the batch, as indices into the training split
+    lr: float  # the learning rate the update used
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when available; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False; use 'cpu' or 'auto'")
+    return device
+
+
+class TeachingEnv(gym.Env):
+    """
+    ## Description
+    A student network is trained from a fresh initialisation on a (possibly label-corrupted)
+    training set. At each step the teacher sees the current mini-batch through the student's eyes
+    and gives every sample a weight; the student then takes one momentum-SGD update on the
+    weighted mean loss sum_i w_i l_i / sum_i w_i. The teacher is judged by the student's accuracy on a clean
+    validation split.
+
+    ## Action Space
+    ``Box(0, 1, (batch_size,), float32)``: one weight per sample of the current batch, in the
+    order of the observation's rows. Weights of 1 reproduce plain training. An action of the wrong
+    shape, with NaN or inf, or outside [0, 1] raises ``ValueError`` before anything changes.
+
+    ## Observation Space
+    ``Dict`` of float32 arrays whose shapes do not depend on the student:
+
+    | key | shape | content |
+    |---|---|---|
+    | ``global`` | (G,) | training progress (see ``envs.observation.GLOBAL_FEATURES``) |
+    | ``samples`` | (batch_size, F) | surface statistics per sample (``SAMPLE_FEATURES``) |
+    | ``internal`` | (batch_size, D) | hidden-state statistics per sample (``INTERNAL_FEATURES``) |
+
+    With ``tensor_obs=True`` the same entries are torch tensors on the env's device (for in-process
+    torch teachers; not Gym-conformant, so make such envs with ``disable_env_checker=True``).
+
+    ## Rewards
+    ``threshold`` (L2T), ``accuracy`` or ``delta``, see ``envs.rewards``. Divergence earns
+    ``divergence_penalty``.
+
+    ## Starting State
+    A student freshly initialised from the reset seed; the first batch of a reshuffled epoch.
+
+    ## Episode End
+    *termination*: ``horizon`` updates done; or, with the ``threshold`` reward, validation accuracy
+    reached the threshold; or the student diverged (non-finite loss, ``info["diverged"] = True``).
+
+    ## Arguments
+    See ``__init__``. Data, split and label noise are fixed by ``seed`` at construction; the
+    student's initialisation and the batch order come from ``reset(seed=...)`` (or ``seed`` on the
+    first reset when none is given).
+
+    ## info
+    ``step``, ``epoch``, ``lr``, ``diverged``; ``indices`` and ``corrupted`` (which given labels of
+    the observed batch are wrong: for diagnostics only, never part of the observation); after each
+    evaluation ``val_loss``, ``val_acc``, ``test_acc``.
+
+    ## Differentiable access (beyond the Gym API)
+    ``params``, ``buffers``, ``momentum``, ``batch_indices``, ``last_transition``, ``sgd``,
+    ``lr_now``, ``per_sample_losses``, ``replay_update``, ``val_indices`` and ``val_loss`` let a
+    meta-gradient teacher compute the validation loss after student updates as a differentiable
+    function of the weights it proposed.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        dataset: str = "mnist1d",
+        student: str = "mlp",
+        noise: str = "symmetric",
+        noise_rate: float = 0.4,
+        batch_size: int = 128,
+        horizon: int = 1000,
+        reward: str = "accuracy",
+        threshold: float = 0.6,
+        eval_every: int = 100,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_schedule: str = "constant",
+        val_size: int = 1000,
+        train_size: int | None = None,
+        student_kwargs: dict[str, Any] | None = None,
+        data_root: str | None = None,
+        download: bool = False,
+        device: str = "cpu",
+        seed: int = 0,
+        tensor_obs: bool = False,
+        divergence_penalty: float = -1.0,
+    ):
+        """
+        :param dataset: one of ``students.data.DATASETS``.
+        :param student: one of ``students.models.STUDENTS``; ``student_kwargs`` go to its constructor.
+        :param noise: ``none``, ``symmetric`` or ``pairflip``, corrupting ``noise_rate`` of training labels.
+        :param batch_size: samples per update (and the action's length).
+        :param horizon: updates per episode.
+        :param reward: ``threshold``, ``accuracy`` or ``delta``; ``threshold`` is its accuracy level.
+        :param eval_every: updates between validation (and test) evaluations; also at the last step.
+        :param lr, momentum, weight_decay, lr_schedule: the student's SGD (see ``SGDConfig``).
+        :param val_size: clean validation samples carved from the training set.
+        :param train_size: keep at most this many training samples.
+        :param seed: seeds the validation split, the subset and the label noise.
+        """
+        if horizon < 1 or eval_every < 1:
+            raise ValueError(f"horizon and eval_every must be >= 1, got {horizon} and {eval_every}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid lr_schedules: {', '.join(LR_SCHEDULES)}")
+        self.device = resolve_device(device)
+        self.data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download)
+        self.noisy_labels, self.corrupted = corrupt_labels(self.data.train.y, self.data.num_classes, noise, noise_rate, seed)
+        self.student_name, self.student_kwargs = student, dict(student_kwargs or {})
+        make_student(student, self.data.input_shape, self.data.num_classes, **self.student_kwargs)  # refuse misfits now
+        if not 0 < batch_size <= len(self.data.train):
+            raise ValueError(f"batch_size must be in [1, {len(self.data.train)}] (the training set's size), got {batch_size}")
+        self.config = dict(
+            dataset=dataset, student=student, noise=noise, noise_rate=noise_rate, batch_size=batch_size,
+            horizon=horizon, reward=reward, threshold=threshold, eval_every=eval_every, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, lr_schedule=lr_schedule, val_size=val_size, train_size=train_size,
+            student_kwargs=self.student_kwargs, seed=seed,
+        )  # fmt: skip
+        self.batch_size, self.horizon, self.eval_every, self.seed = batch_size, horizon, eval_every, seed
+        self.sgd = SGDConfig(lr, momentum, weight_decay, lr_schedule)
+        self.reward_fn = make_reward(reward, horizon, self.data.num_classes, threshold)
+        self.tensor_obs, self.divergence_penalty = tensor_obs, divergence_penalty
+        self.action_space = spaces.Box(0.0, 1.0, (batch_size,), np.float32)
+        self.observation_space = spaces.Dict(
+            {
+                "global": spaces.Box(-np.inf, np.inf, (len(GLOBAL_FEATURES),), np.float32),
+                "samples": spaces.Box(-np.inf, np.inf, (batch_size, len(SAMPLE_FEATURES)), np.float32),
+                "internal": spaces.Box(-np.inf, np.inf, (batch_size, len(INTERNAL_FEATURES)), np.float32),
+            }
+        )
+        self._val_generator = torch.Generator().manual_seed(seed + 1)
+        self._seeded = False
+        self.student: FunctionalStudent | None = None
+
+    # ----------------------------------------------------------------------------- Gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        if seed is None and not self._seeded:
+            seed = self.seed
+        super().reset(seed=seed)
+        self._seeded = True
+        student_seed, order_seed = (int(s) for s in self.np_random.integers(2**31 - 1, size=2))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(student_seed)
+            model = make_student(self.student_name, self.data.input_shape, self.data.num_classes, **self.student_kwargs)
+        self.student = FunctionalStudent(model.to(self.device))
+        params, self.buffers = self.student.initial_state()
+        self.params = {n: p.requires_grad_() for n, p in params.items()}
+        self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.sampler = BatchSampler(len(self.data.train), self.batch_size, order_seed, self.device)
+        self.features = ObservationBuilder(len(self.data.train), self.data.num_classes, self.device)
+        self.reward_fn.reset()
+        self.t, self._has_diverged = 0, False
+        self.last_transition: Transition | None = None
+        chance = 1.0 / self.data.num_classes
+        self.val_loss_last, self.val_acc_last, self.best_val_acc = float(np.log(self.data.num_classes)), chance, chance
+        obs = self._observe()
+        return obs, self._info(diverged=False)
+
+    def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
+        if self.student is None:
+            raise RuntimeError("TeachingEnv.step() called before reset(); call env.reset() first")
+        if self.t >= self.horizon or self._has_diverged:
+            raise RuntimeError("TeachingEnv.step() called after the episode ended; call env.reset() first")
+        weights = self._check_action(action)
+        loss = FunctionalStudent.weighted_loss(self._losses, weights)
+        if not torch.isfinite(loss):
+            return self._diverge()
+        grads = dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()))))
+        lr = self.lr_now
+        self.last_transition = Transition(self.params, self.momentum, self.batch_indices, lr)
+        with torch.no_grad():
+            params, self.momentum = sgd_update(self.params, self.momentum, grads, lr, self.sgd)
+        self.params = {n: p.requires_grad_() for n, p in params.items()}
+        self.t += 1
+        reward, terminated, evaluation = 0.0, self.t >= self.horizon, {}
+        if self.t % self.eval_every == 0 or terminated:
+            evaluation = self.evaluate()
+            self.val_loss_last, self.val_acc_last = evaluation["val_loss"], evaluation["val_acc"]
+            self.best_val_acc = max(self.best_val_acc, self.val_acc_last)
+            reward, reached = self.reward_fn.on_eval(self.t, self.val_acc_last, terminated)
+            terminated = terminated or reached
+        if terminated:
+            obs = self._observe(final=True)
+        else:
+            obs = self._observe()
+            if obs is None:
+                return self._diverge()
+        return obs, float(reward), terminated, False, {**self._info(diverged=False), **evaluation}
+
+    # ----------------------------------------------------------------------------- internals
+    def _check_action(self, action: Any) -> torch.Tensor:
+        if isinstance(action, torch.Tensor):
+            weights = action.detach()
+        else:
+            array = np.asarray(action)
+            if array.dtype.kind not in "fiu":
+                raise ValueError(f"action must be real numbers, got dtype {array.dtype}")
+            weights = torch.from_numpy(array.astype(np.float32, copy=False))
+        if weights.shape != (self.batch_size,):
+            raise ValueError(f"action must have shape ({self.batch_size},) (one weight per sample), got {tuple(weights.shape)}")
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise ValueError(f"action must be real numbers, got dtype {weights.dtype}")
+        weights = weights.to(self.device, torch.float32)
+        bad = ~(torch.isfinite(weights) & (weights >= 0) & (weights <= 1))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"action weights must be finite and in [0, 1]; weight {i} is {weights[i].item()}")
+        return weights
+
+    def _observe(self, final: bool = False) -> dict | None:
+        """Forward the next batch (its graph is kept for the update) and build the observation."""
+        if final:
+            self._losses = None
+            return self._convert(self._zero_obs())
+        self.batch_indices = self.sampler.next()
+        x, y = self.data.train.x[self.batch_indices], self.noisy_labels[self.batch_indices]
+        logits, hidden = self.student.forward(self.params, self.buffers, x, train=True)
+        self._losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        detached = logits.detach()
+        if not torch.isfinite(detached).all():
+            return None
+        self._last_obs = {
+            "global": self._global_features(),
+            "samples": self.features.samples(detached, y, self.batch_indices),
+            "internal": self.features.internal(list(hidden.values()), y),
+        }
+        return self._convert(self._last_obs)
+
+    def _global_features(self) -> torch.Tensor:
+        epochs_total = self.horizon / self.sampler.batches_per_epoch
+        epochs_done = self.t / self.sampler.batches_per_epoch
+        values = [
+            self.t / self.horizon, self.lr_now / self.sgd.lr, self.features.train_loss, self.features.train_acc,
+            self.val_loss_last, self.val_acc_last, self.best_val_acc, epochs_done / epochs_total,
+        ]  # fmt: skip
+        return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in values])
+
+    def _zero_obs(self) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros(s.shape, device=self.device) for k, s in self.observation_space.spaces.items()}
+
+    def _convert(self, obs: dict[str, torch.Tensor]) -> dict:
+        if self.tensor_obs:
+            return obs
+        return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in obs.items()}
+
+    def _diverge(self) -> tuple[dict, float, bool, bool, dict]:
+        self._has_diverged, self._losses = True, None
+        return self._convert(self._zero_obs()), float(self.divergence_penalty), True, False, self._info(diverged=True)
+
+    def _info(self, diverged: bool) -> dict:
+        info = {"step": self.t, "epoch": self.sampler.epoch, "lr": self.lr_now, "diverged": diverged}
+        if self._losses is not None:
+            corrupted = self.corrupted[self.batch_indices]
+            info["indices"], info["corrupted"] = (
+                (self.batch_indices, corrupted)
+                if self.tensor_obs
+                else (self.batch_indices.cpu().numpy(), corrupted.cpu().numpy())
+            )
+        return info
+
+    # ----------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an episode in progress depends on, as tensors and plain values (CPU), so that a
+        run restored with ``load_state_dict`` continues exactly as if never interrupted."""
+        if self.student is None or self._losses is None:
+            raise RuntimeError("TeachingEnv.state_dict() needs an episode in progress (after reset, before its end)")
+        cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}
+        return {
+            "config": dict(self.config),
+            "params": cpu(self.params), "buffers": cpu(self.buffers), "momentum": cpu(self.momentum),
+            "t": self.t, "np_random": self.np_random.bit_generator.state,
+            "sampler": self.sampler.state_dict(), "features": self.features.state_dict(),
+            "reward": dict(vars(self.reward_fn)), "val_generator": self._val_generator.get_state(),
+            "val": [self.val_loss_last, self.val_acc_last, self.best_val_acc],
+            "batch_indices": self.batch_indices.cpu(), "obs": cpu(self._last_obs),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> dict:
+        """Restore an episode saved by ``state_dict`` (same env config); returns its observation."""
+        if state["config"] != self.config:
+            changed = sorted(k for k in self.config if state["config"].get(k) != self.config[k])
+            raise ValueError(f"saved env state was made with a different config (differs in: {', '.join(changed)})")
+        if self.student is None:
+            self.reset()
+        device = lambda d: {k: v.to(self.device) for k, v in d.items()}
+        self.params = {k: v.requires_grad_() for k, v in device(state["params"]).items()}
+        self.buffers, self.momentum = device(state["buffers"]), device(state["momentum"])
+        self.t, self._has_diverged, self.last_transition = state["t"], False, None
+        self.np_random.bit_generator.state = state["np_random"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.features.load_state_dict(state["features"])
+        vars(self.reward_fn).update(state["reward"])
+        self._val_generator.set_state(state["val_generator"])
+        self.val_loss_last, self.val_acc_last, self.best_val_acc = state["val"]
+        self.batch_indices = state["batch_indices"].to(self.device)
+        x, y = self.data.train.x[self.batch_indices], self.noisy_labels[self.batch_indices]
+        scratch = {k: v.clone() for k, v in self.buffers.items()}  # the saved buffers already saw this batch
+        logits, _ = self.student.forward(self.params, scratch, x, train=True)
+        self._losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        self._last_obs = device(state["obs"])
+        return self._convert(self._last_obs)
+
+    # ----------------------------------------------------------------------------- functional access
+    @property
+    def lr_now(self) -> float:
+        """Learning rate of the next update."""
+        return self.sgd.lr_at(self.t, self.horizon)
+
+    @property
+    def batch_labels(self) -> torch.Tensor:
+        """Given (possibly corrupted) labels of the observed batch."""
+        return self.noisy_labels[self.batch_indices]
+
+    def per_sample_losses(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
+        """Training losses of the samples ``indices`` under ``params`` (train mode, so BatchNorm uses
+        batch statistics; the running statistics are left untouched)."""
+        return self.student.per_sample_losses(params, self.buffers, self.data.train.x[indices], self.noisy_labels[indices])
+
+    def replay_update(
+        self, transition: Transition, params: Params, momentum: Params, weights: torch.Tensor, create_graph: bool
+    ) -> tuple[Params, Params]:
+        """The update of ``transition`` applied to ``params``/``momentum`` with ``weights``, as a
+        differentiable function (the same operations as the real step)."""
+        losses = self.per_sample_losses(params, transition.indices)
+        loss = FunctionalStudent.weighted_loss(losses, weights)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        return sgd_update(params, momentum, dict(zip(params, grads)), transition.lr, self.sgd)
+
+    def val_indices(self, size: int) -> torch.Tensor:
+        """A random batch of ``size`` clean validation indices (seeded by the env's ``seed``)."""
+        size = min(size, len(self.data.val))
+        return torch.randperm(len(self.data.val), generator=self._val_generator)[:size].to(self.device)
+
+    def val_loss(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
+        """Mean clean validation loss of ``indices`` under ``params`` (train mode, buffers untouched)."""
+        return self.student.per_sample_losses(params, self.buffers, self.data.val.x[indices], self.data.val.y[indices]).mean()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss/accuracy and test accuracy of the current student (eval mode)."""
+        out = {}
+        for split_name, split in (("val", self.data.val), ("test", self.data.test)):
+            loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+            for start in range(0, len(split), EVAL_CHUNK):
+                x, y = split.x[start : start + EVAL_CHUNK], split.y[start : start + EVAL_CHUNK]
+                logits, _ = self.student.forward(self.params, self.buffers, x, train=False)
+                loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(1) == y).sum()
+            out[f"{split_name}_loss"], out[f"{split_name}_acc"] = (loss_sum / len(split)).item(), (correct / len(split)).item()
+        return out
