@@ -18,6 +18,14 @@ def field(default: Any, help: str, **kw: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+def yaml_value(text: str) -> Any:
+    """Parse a flag's value as YAML (for mappings and lists); a syntax error becomes an argparse error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({e.__class__.__name__})") from e
+
+
 def _flag_type(tp: Any) -> tuple[Any, bool]:
     """(converter, optional) for an annotation such as ``int``, ``float | None`` or ``bool``."""
     optional = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import envs  # noqa: F401  (registers Teaching-v0)
 from agents.base import AGENTS, CheckpointError, Teacher, make_agent, read_checkpoint
 from agents.diagnostics import auroc
 from envs.rewards import REWARDS
-from runconfig import field, parse_config, to_yaml
+from runconfig import field, parse_config, to_yaml, yaml_value
 from students.data import DATASETS, load_dataset
 from students.functional import LR_SCHEDULES
 from students.models import STUDENTS
@@ -44,6 +45,9 @@ class TrainConfig:
     agent: str = field("meta_grad", "teacher to train", choices=list(AGENTS))
     dataset: str = field("mnist1d", "dataset the student learns", choices=list(DATASETS))
     student: str = field("mlp", "student network", choices=list(STUDENTS))
+    student_kwargs: dict | None = field(
+        None, "student constructor arguments as YAML, e.g. '{hidden: [64, 32]}'", parse=yaml_value
+    )
     noise: str = field("symmetric", "label noise of the training split", choices=list(NOISE_TYPES))
     noise_rate: float = field(0.4, "fraction of training labels corrupted, in [0, 1)")
     steps: int = field(3000, "total student updates (across episodes)")
@@ -60,15 +64,15 @@ class TrainConfig:
     reward: str = field("accuracy", "env reward (RL teachers learn from it)", choices=list(REWARDS))
     threshold: float = field(0.6, "validation accuracy for the threshold reward")
     unroll: int = field(1, "meta_grad: real student updates B the meta-gradient goes through")
-    meta_lr: float = field(1e-2, "meta_grad/mwnet: teacher Adam learning rate")
-    val_batch: int = field(1000, "meta_grad/mwnet/l2rw: validation samples per meta-gradient")
+    meta_lr: float = field(3e-3, "meta_grad/mwnet: teacher Adam learning rate")
+    val_batch: int = field(256, "meta_grad/mwnet/l2rw: validation samples per meta-gradient")
     features: str = field("all", "meta_grad: teacher inputs (all = internal + surface)", choices=["all", "surface", "loss"])
     seed: int = field(0, "seeds data split, label noise, student, teacher and batch order")
     device: str = field("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
     data_root: str | None = field(None, "folder holding torchvision-style datasets (e.g. ../shared/data)")
     download: bool = field(False, "let torchvision download a missing dataset")
     out: str | None = field(None, "run folder (default runs/<agent>-<dataset>-<student>-s<seed>)")
-    checkpoint_every: int = field(500, "updates between atomic checkpoints")
+    checkpoint_every: int = field(500, "updates between atomic checkpoints (rounded up to a multiple of eval_every and unroll)")
     resume: bool = field(False, "continue the run in --out from its last checkpoint")
     progress: bool = field(True, "show a progress bar")
 
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"--lr and --meta-lr must be positive, got {self.lr} and {self.meta_lr}")
         if self.horizon is not None and self.horizon < 1:
             raise ValueError(f"--horizon must be >= 1, got {self.horizon}")
+        if self.student_kwargs is not None and not isinstance(self.student_kwargs, dict):
+            raise ValueError(f"--student-kwargs must be a mapping such as '{{hidden: [64, 32]}}', got {self.student_kwargs!r}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
 
@@ -94,7 +100,7 @@ class TrainConfig:
 def env_kwargs(cfg: Any, horizon: int) -> dict[str, Any]:
     """Keyword arguments of ``Teaching-v0`` taken from a run config."""
     return dict(
-        dataset=cfg.dataset, student=cfg.student, noise=cfg.noise, noise_rate=cfg.noise_rate, batch_size=cfg.batch_size,
+        dataset=cfg.dataset, student=cfg.student, student_kwargs=cfg.student_kwargs, noise=cfg.noise, noise_rate=cfg.noise_rate, batch_size=cfg.batch_size,
         horizon=horizon, reward=cfg.reward, threshold=cfg.threshold, eval_every=cfg.eval_every, lr=cfg.lr,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, val_size=cfg.val_size,
         train_size=cfg.train_size, data_root=cfg.data_root, download=cfg.download, device=cfg.device, seed=cfg.seed,
@@ -200,8 +206,7 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         info = {"corrupted": env.unwrapped.corrupted[env.unwrapped.batch_indices]}
     log = RunLog(run_dir, cfg, step)
     window, last_eval = WindowStats(), {}
-    # checkpoints fall on meta-update boundaries, so no half-collected unroll window is lost
-    every = max(cfg.unroll, cfg.checkpoint_every // cfg.unroll * cfg.unroll) if cfg.agent == "meta_grad" else cfg.checkpoint_every
+    every = checkpoint_interval(cfg)
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"{cfg.agent} on {cfg.dataset}", unit="step")
     start = time.perf_counter()
     while step < cfg.steps:
@@ -228,6 +233,13 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     bar.close()
     log.close()
     return summarise(run_dir, time.perf_counter() - start)
+
+
+def checkpoint_interval(cfg: TrainConfig) -> int:
+    """``checkpoint_every`` rounded up to a multiple of ``eval_every`` and ``unroll``, so that a
+    resumed run loses no half-collected meta-gradient window or evaluation window."""
+    unit = math.lcm(cfg.eval_every, cfg.unroll)
+    return unit * math.ceil(cfg.checkpoint_every / unit)
 
 
 def summarise(run_dir: Path, seconds: float) -> dict[str, Any]:

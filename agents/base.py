@@ -111,7 +111,7 @@ def library_versions() -> dict[str, str]:
 
     from envs import __version__
 
-    return {"l2t_gym": __version__, "torch": torch.__version__, "gymnasium": gymnasium.__version__, "numpy": np.__version__}
+    return {"l2t_gym": __version__, "torch": str(torch.__version__), "gymnasium": gymnasium.__version__, "numpy": np.__version__}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:

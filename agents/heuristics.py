@@ -7,8 +7,8 @@ import torch
 from agents.base import Teacher
 from envs.observation import GLOBAL_FEATURES, SAMPLE_FEATURES
 
-_PROGRESS = [name for name, _ in GLOBAL_FEATURES].index("progress")
-_LOSS = [name for name, _ in SAMPLE_FEATURES].index("loss")
+_PROGRESS = [f[0] for f in GLOBAL_FEATURES].index("progress")
+_LOSS = [f[0] for f in SAMPLE_FEATURES].index("loss")
 
 
 def keep_lowest_loss(obs: dict, fraction: torch.Tensor | float) -> torch.Tensor:

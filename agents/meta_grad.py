@@ -91,7 +91,7 @@ class MetaGradTeacher(Teacher):
         layers: int = 2,
         context: bool = True,
         unroll: int = 1,
-        meta_lr: float = 1e-3,
+        meta_lr: float = 3e-3,
         meta_weight_decay: float = 1e-4,
         val_batch: int = 256,
         method: str = "auto",
@@ -112,6 +112,7 @@ class MetaGradTeacher(Teacher):
             features=features, hidden=hidden, layers=layers, context=context, unroll=unroll, meta_lr=meta_lr,
             meta_weight_decay=meta_weight_decay, val_batch=val_batch, method=method, init_weight=init_weight, seed=seed,
         )  # fmt: skip
+        self.hp = dict(self.config)  # every setting; ``config`` holds what re-creates this class
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.net = WeightNet(input_size(features), hidden, layers, context, init_weight)
@@ -122,8 +123,8 @@ class MetaGradTeacher(Teacher):
 
     @property
     def method(self) -> str:
-        chosen = self.config["method"]
-        return ("jvp" if self.config["unroll"] == 1 else "backward") if chosen == "auto" else chosen
+        chosen = self.hp["method"]
+        return ("jvp" if self.hp["unroll"] == 1 else "backward") if chosen == "auto" else chosen
 
     def to(self, device: torch.device | str) -> MetaGradTeacher:
         self.device = torch.device(device)
@@ -133,7 +134,8 @@ class MetaGradTeacher(Teacher):
     # ------------------------------------------------------------------ acting
     def weights(self, obs: dict) -> torch.Tensor:
         """Weights as a differentiable function of the teacher's parameters."""
-        return self.net(teacher_inputs(as_tensor_obs(obs, self.device), self.config["features"]))
+        inputs = teacher_inputs(as_tensor_obs(obs, self.device), self.hp["features"])
+        return self.net(inputs.to(self.net.out.weight.dtype))
 
     def act(self, obs: dict) -> torch.Tensor:
         if not self.training:
@@ -152,7 +154,7 @@ class MetaGradTeacher(Teacher):
             self._window.clear()
             return {}
         self._window.append((env.unwrapped.last_transition, weights))
-        if len(self._window) < self.config["unroll"] and not done:
+        if len(self._window) < self.hp["unroll"] and not done:
             return {}
         return self.meta_step(env.unwrapped)
 
@@ -160,7 +162,7 @@ class MetaGradTeacher(Teacher):
         """One Adam step on the teacher from the queued updates; returns the validation loss."""
         transitions, weights = zip(*self._window)
         self._window.clear()
-        val_indices = env.val_indices(self.config["val_batch"])
+        val_indices = env.val_indices(self.hp["val_batch"])
         self.optimizer.zero_grad(set_to_none=True)
         if self.method == "jvp" and len(transitions) == 1:
             last = transitions[0]
@@ -171,8 +173,9 @@ class MetaGradTeacher(Teacher):
         else:
             val_loss = unrolled_val_loss(env, transitions, weights, val_indices)
             val_loss.backward()
+            val_loss = val_loss.detach()
         self.optimizer.step()
-        return {"meta_loss": float(val_loss)}
+        return {"meta_loss": val_loss.item()}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -232,13 +235,12 @@ class MetaWeightNetTeacher(MetaGradTeacher):
 
     name = "mwnet"
 
-    def __init__(
-        self, hidden: int = 100, meta_lr: float = 1e-3, val_batch: int = 256, init_weight: float = 0.9, seed: int = 0, **kw
-    ):
+    def __init__(self, hidden: int = 100, meta_lr: float = 3e-3, val_batch: int = 256, init_weight: float = 0.9, seed: int = 0):
         super().__init__(
             features="loss", hidden=hidden, layers=1, context=False, unroll=1, meta_lr=meta_lr,
-            val_batch=val_batch, init_weight=init_weight, seed=seed, **kw,
+            val_batch=val_batch, init_weight=init_weight, seed=seed,
         )  # fmt: skip
+        self.config = dict(hidden=hidden, meta_lr=meta_lr, val_batch=val_batch, init_weight=init_weight, seed=seed)
 
 
 class ReweightTeacher(Teacher):

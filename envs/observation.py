@@ -16,37 +16,44 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
+MAX_LOSS = 100.0  # losses are clipped here so that every feature has finite bounds
+MAX_LOG_NORM = 50.0
+
+# Each feature: (name, meaning, lowest value, highest value); values are clipped to the bounds.
 GLOBAL_FEATURES = (
-    ("progress", "fraction of the episode's updates done, t / horizon"),
-    ("lr_ratio", "current learning rate / initial learning rate"),
-    ("train_loss", "running mean (EMA 0.9) of the training loss on the given labels"),
-    ("train_acc", "running mean (EMA 0.9) of the batch accuracy on the given labels"),
-    ("val_loss", "clean validation loss at the latest evaluation (log K before the first)"),
-    ("val_acc", "clean validation accuracy at the latest evaluation (1 / K before the first)"),
-    ("best_val_acc", "best clean validation accuracy so far in the episode"),
-    ("epochs", "passes over the training set so far, divided by the episode's total"),
+    ("progress", "fraction of the episode's updates done, t / horizon", 0, 1),
+    ("lr_ratio", "current learning rate / initial learning rate", 0, 1),
+    ("train_loss", "running mean (EMA 0.9) of the training loss on the given labels", 0, MAX_LOSS),
+    ("train_acc", "running mean (EMA 0.9) of the batch accuracy on the given labels", 0, 1),
+    ("val_loss", "clean validation loss at the latest evaluation (log K before the first)", 0, MAX_LOSS),
+    ("val_acc", "clean validation accuracy at the latest evaluation (1 / K before the first)", 0, 1),
+    ("best_val_acc", "best clean validation accuracy so far in the episode", 0, 1),
+    ("epochs_seen", "log(1 + passes over the training set so far): how often each sample was seen", 0, 10),
 )
 SAMPLE_FEATURES = (
-    ("loss", "cross-entropy of the sample under its given label"),
-    ("loss_vs_mean", "loss minus the running mean training loss"),
-    ("loss_history", "this sample's loss averaged (EMA 0.5) over its earlier visits; its loss on the first"),
-    ("p_label", "predicted probability of the given label"),
-    ("margin", "p_label minus the largest probability of another class"),
-    ("entropy", "entropy of the prediction divided by log K"),
-    ("agrees", "1 if the predicted class is the given label, else 0"),
+    ("loss", "cross-entropy of the sample under its given label", 0, MAX_LOSS),
+    ("loss_vs_mean", "loss minus the running mean training loss", -MAX_LOSS, MAX_LOSS),
+    ("loss_history", "this sample's loss averaged (EMA 0.5) over its earlier visits; its loss on the first", 0, MAX_LOSS),
+    ("p_label", "predicted probability of the given label", 0, 1),
+    ("margin", "p_label minus the largest probability of another class", -1, 1),
+    ("entropy", "entropy of the prediction divided by log K", 0, 1),
+    ("agrees", "1 if the predicted class is the given label, else 0", 0, 1),
 )
 _LAYER_FEATURES = (
-    ("log_norm", "log feature norm minus the batch mean of log norms"),
-    ("cos_own", "cosine to the running centroid of the sample's given class"),
-    ("cos_other", "largest cosine to the running centroid of another class"),
-    ("centroid_margin", "cos_own minus cos_other"),
-    ("knn_agree", "fraction of the sample's 5 nearest batch neighbours (cosine) that share its label"),
+    ("log_norm", "log feature norm minus the batch mean of log norms", -MAX_LOG_NORM, MAX_LOG_NORM),
+    ("cos_own", "cosine to the running centroid of the sample's given class", -1, 1),
+    ("cos_other", "largest cosine to the running centroid of another class", -1, 1),
+    ("centroid_margin", "cos_own minus cos_other", -2, 2),
+    ("knn_agree", "fraction of the sample's 5 nearest batch neighbours (cosine) that share its label", 0, 1),
 )
 LAYERS = (("deep", "a deeper hidden layer"), ("penult", "the second-to-last layer"))
-INTERNAL_FEATURES = tuple((f"{layer}_{name}", f"{text}, in {where}") for layer, where in LAYERS for name, text in _LAYER_FEATURES)
+INTERNAL_FEATURES = tuple(
+    (f"{layer}_{name}", f"{text}, in {where}", low, high) for layer, where in LAYERS for name, text, low, high in _LAYER_FEATURES
+)
 
 CENTROID_MOMENTUM = 0.9
 RUNNING_MOMENTUM = 0.9
@@ -142,12 +149,38 @@ class ObservationBuilder:
         return (labels[neighbours] == labels[:, None]).float().mean(1)
 
 
+def feature_bounds(table: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) float32 arrays of a feature table."""
+    return np.array([f[2] for f in table], np.float32), np.array([f[3] for f in table], np.float32)
+
+
+def clip_to_bounds(values: torch.Tensor, table: tuple) -> torch.Tensor:
+    """Clip the last dimension of ``values`` to the table's bounds (NaN stays NaN)."""
+    low, high = (torch.as_tensor(b, device=values.device) for b in feature_bounds(table))
+    return torch.minimum(torch.maximum(values, low), high)
+
+
 def observation_spec(env) -> dict:
     """What a teacher trained on ``env`` relies on: the feature names of each entry and the batch size."""
     env = env.unwrapped
     return {
-        "global": [name for name, _ in GLOBAL_FEATURES],
-        "samples": [name for name, _ in SAMPLE_FEATURES],
-        "internal": [name for name, _ in INTERNAL_FEATURES],
+        "global": [f[0] for f in GLOBAL_FEATURES],
+        "samples": [f[0] for f in SAMPLE_FEATURES],
+        "internal": [f[0] for f in INTERNAL_FEATURES],
         "batch_size": int(env.batch_size),
     }
+
+
+def markdown_tables() -> str:
+    """The README's feature tables, generated from the tables above."""
+    out = []
+    for key, table in (("global", GLOBAL_FEATURES), ("samples", SAMPLE_FEATURES), ("internal", INTERNAL_FEATURES)):
+        out.append(f"`{key}` ({len(table)} features{'' if key == 'global' else ' per sample'}):\n")
+        out.append("| # | feature | meaning | range |\n|---|---|---|---|")
+        out.extend(f"| {i} | `{name}` | {text} | [{low:g}, {high:g}] |" for i, (name, text, low, high) in enumerate(table))
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_tables())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,14 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES, ObservationBuilder
+from envs.observation import (
+    GLOBAL_FEATURES,
+    INTERNAL_FEATURES,
+    SAMPLE_FEATURES,
+    ObservationBuilder,
+    clip_to_bounds,
+    feature_bounds,
+)
 from envs.rewards import make_reward
 from students.data import BatchSampler, load_dataset
 from students.functional import LR_SCHEDULES, FunctionalStudent, Params, SGDConfig, sgd_update
@@ -18,6 +26,15 @@ from students.models import make_student
 from students.noise import corrupt_labels
 
 EVAL_CHUNK = 1024
+FEATURE_TABLES = {"global": GLOBAL_FEATURES, "samples": SAMPLE_FEATURES, "internal": INTERNAL_FEATURES}
+
+
+def _box(table: tuple, rows: int | None) -> spaces.Box:
+    """Box of one observation entry: the table's bounds, per row of the batch when ``rows`` is set."""
+    low, high = feature_bounds(table)
+    if rows is not None:
+        low, high = np.tile(low, (rows, 1)), np.tile(high, (rows, 1))
+    return spaces.Box(low, high, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,7 @@ class TeachingEnv(gym.Env):
         seed: int = 0,
         tensor_obs: bool = False,
         divergence_penalty: float = -1.0,
+        dtype: str = "float32",
     ):
         """
         :param dataset: one of ``students.data.DATASETS``.
@@ -136,13 +154,16 @@ class TeachingEnv(gym.Env):
         :param val_size: clean validation samples carved from the training set.
         :param train_size: keep at most this many training samples.
         :param seed: seeds the validation split, the subset and the label noise.
+        :param dtype: ``float32`` or ``float64`` for the student and its data (observations stay float32).
         """
         if horizon < 1 or eval_every < 1:
             raise ValueError(f"horizon and eval_every must be >= 1, got {horizon} and {eval_every}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid lr_schedules: {', '.join(LR_SCHEDULES)}")
-        self.device = resolve_device(device)
-        self.data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download)
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.device, self.dtype = resolve_device(device), getattr(torch, dtype)
+        self.data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download).to(self.dtype)
         self.noisy_labels, self.corrupted = corrupt_labels(self.data.train.y, self.data.num_classes, noise, noise_rate, seed)
         self.student_name, self.student_kwargs = student, dict(student_kwargs or {})
         make_student(student, self.data.input_shape, self.data.num_classes, **self.student_kwargs)  # refuse misfits now
@@ -152,7 +173,7 @@ class TeachingEnv(gym.Env):
             dataset=dataset, student=student, noise=noise, noise_rate=noise_rate, batch_size=batch_size,
             horizon=horizon, reward=reward, threshold=threshold, eval_every=eval_every, lr=lr, momentum=momentum,
             weight_decay=weight_decay, lr_schedule=lr_schedule, val_size=val_size, train_size=train_size,
-            student_kwargs=self.student_kwargs, seed=seed,
+            student_kwargs=self.student_kwargs, seed=seed, dtype=dtype,
         )  # fmt: skip
         self.batch_size, self.horizon, self.eval_every, self.seed = batch_size, horizon, eval_every, seed
         self.sgd = SGDConfig(lr, momentum, weight_decay, lr_schedule)
@@ -160,11 +181,7 @@ class TeachingEnv(gym.Env):
         self.tensor_obs, self.divergence_penalty = tensor_obs, divergence_penalty
         self.action_space = spaces.Box(0.0, 1.0, (batch_size,), np.float32)
         self.observation_space = spaces.Dict(
-            {
-                "global": spaces.Box(-np.inf, np.inf, (len(GLOBAL_FEATURES),), np.float32),
-                "samples": spaces.Box(-np.inf, np.inf, (batch_size, len(SAMPLE_FEATURES)), np.float32),
-                "internal": spaces.Box(-np.inf, np.inf, (batch_size, len(INTERNAL_FEATURES)), np.float32),
-            }
+            {key: _box(table, None if key == "global" else batch_size) for key, table in FEATURE_TABLES.items()}
         )
         self._val_generator = torch.Generator().manual_seed(seed + 1)
         self._seeded = False
@@ -180,7 +197,7 @@ class TeachingEnv(gym.Env):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(student_seed)
             model = make_student(self.student_name, self.data.input_shape, self.data.num_classes, **self.student_kwargs)
-        self.student = FunctionalStudent(model.to(self.device))
+        self.student = FunctionalStudent(model.to(self.device, self.dtype))
         params, self.buffers = self.student.initial_state()
         self.params = {n: p.requires_grad_() for n, p in params.items()}
         self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -238,7 +255,7 @@ class TeachingEnv(gym.Env):
             raise ValueError(f"action must have shape ({self.batch_size},) (one weight per sample), got {tuple(weights.shape)}")
         if weights.is_complex() or weights.dtype == torch.bool:
             raise ValueError(f"action must be real numbers, got dtype {weights.dtype}")
-        weights = weights.to(self.device, torch.float32)
+        weights = weights.to(self.device, self.dtype)
         bad = ~(torch.isfinite(weights) & (weights >= 0) & (weights <= 1))
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -257,29 +274,30 @@ class TeachingEnv(gym.Env):
         detached = logits.detach()
         if not torch.isfinite(detached).all():
             return None
-        self._last_obs = {
+        raw = {
             "global": self._global_features(),
             "samples": self.features.samples(detached, y, self.batch_indices),
             "internal": self.features.internal(list(hidden.values()), y),
         }
+        self._last_obs = {key: clip_to_bounds(value, FEATURE_TABLES[key]) for key, value in raw.items()}
         return self._convert(self._last_obs)
 
     def _global_features(self) -> torch.Tensor:
-        epochs_total = self.horizon / self.sampler.batches_per_epoch
-        epochs_done = self.t / self.sampler.batches_per_epoch
+        epochs_seen = math.log1p(self.t / self.sampler.batches_per_epoch)
         values = [
             self.t / self.horizon, self.lr_now / self.sgd.lr, self.features.train_loss, self.features.train_acc,
-            self.val_loss_last, self.val_acc_last, self.best_val_acc, epochs_done / epochs_total,
+            self.val_loss_last, self.val_acc_last, self.best_val_acc, epochs_seen,
         ]  # fmt: skip
         return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in values])
 
     def _zero_obs(self) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros(s.shape, device=self.device) for k, s in self.observation_space.spaces.items()}
+        """The terminal observation: each feature at its lowest value (in the space, and finite)."""
+        return {k: torch.as_tensor(s.low, device=self.device).clamp(min=0) for k, s in self.observation_space.spaces.items()}
 
     def _convert(self, obs: dict[str, torch.Tensor]) -> dict:
         if self.tensor_obs:
             return obs
-        return {k: v.detach().cpu().numpy().astype(np.float32, copy=False) for k, v in obs.items()}
+        return {k: v.detach().cpu().numpy() for k, v in obs.items()}
 
     def _diverge(self) -> tuple[dict, float, bool, bool, dict]:
         self._has_diverged, self._losses = True, None

@@ -8,6 +8,7 @@ device without a DataLoader in the hot path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import random
@@ -54,6 +55,13 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+    def to(self, dtype: torch.dtype) -> Dataset:
+        """The same dataset with inputs of ``dtype`` (labels stay int64)."""
+        if dtype == self.train.x.dtype:
+            return self
+        cast = lambda s: Split(s.x.to(dtype), s.y)
+        return dataclasses.replace(self, train=cast(self.train), val=cast(self.val), test=cast(self.test))
 
 
 def check_name(kind: str, name: str, valid: tuple[str, ...] | list[str]) -> None:

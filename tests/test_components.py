@@ -1,0 +1,85 @@
+"""Students, non-learned teachers, diagnostics, and the README's feature tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents import AGENTS, make_agent
+from agents.diagnostics import auroc
+from envs.observation import markdown_tables
+from students.functional import FunctionalStudent
+from students.models import STUDENTS, make_student
+
+SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 8, 8), "resnet20": (3, 8, 8), "resnet32": (3, 8, 8)}
+SMALL = {"mlp": {"hidden": [8, 6]}, "cnn": {"channels": [4, 4], "fc": 8}, "resnet20": {"width": 2}, "resnet32": {"width": 2}}
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_students_return_logits_and_two_named_hidden_layers(name):
+    model = make_student(name, SHAPES[name], 7, **SMALL[name])
+    logits, hidden = model(torch.randn(5, *SHAPES[name]))
+    assert logits.shape == (5, 7) and len(hidden) >= 2
+    assert all(h.ndim == 2 and h.shape[0] == 5 for h in hidden.values())
+
+
+@pytest.mark.parametrize("name", ["resnet20", "cnn"])
+def test_functional_call_updates_batchnorm_buffers_only_in_train_mode(name):
+    student = FunctionalStudent(make_student(name, SHAPES[name], 7, **SMALL[name]))
+    params, buffers = student.initial_state()
+    before = {k: v.clone() for k, v in buffers.items()}
+    x = torch.randn(6, *SHAPES[name])
+    student.forward(params, buffers, x, train=False)
+    assert all(torch.equal(before[k], buffers[k]) for k in buffers)
+    student.per_sample_losses(params, buffers, x, torch.zeros(6, dtype=torch.long))  # works on copies
+    assert all(torch.equal(before[k], buffers[k]) for k in buffers)
+    student.forward(params, buffers, x, train=True)
+    running = [k for k in buffers if k.endswith("running_mean")]
+    assert (not running) or any(not torch.equal(before[k], buffers[k]) for k in running)
+
+
+def test_cnn_handles_signals_and_refuses_flat_inputs():
+    logits, _ = make_student("cnn", (1, 40), 10)(torch.randn(2, 1, 40))
+    assert logits.shape == (2, 10)
+    with pytest.raises(ValueError, match="use 'mlp'"):
+        make_student("cnn", (64,), 10)
+
+
+def _obs(losses: list[float], progress: float) -> dict:
+    samples = np.zeros((len(losses), 7), np.float32)
+    samples[:, 0] = losses
+    return {"samples": samples, "global": np.array([progress] + [0] * 7, np.float32)}
+
+
+def test_self_paced_teacher_admits_the_easiest_growing_fraction():
+    teacher = make_agent("spl", start_fraction=0.5)
+    losses = [0.4, 0.1, 3.0, 2.0]
+    assert teacher.act(_obs(losses, 0.0)).tolist() == [1, 1, 0, 0]
+    assert teacher.act(_obs(losses, 1.0)).tolist() == [1, 1, 1, 1]
+
+
+def test_small_loss_teacher_drops_the_highest_losses_after_warmup():
+    teacher = make_agent("small_loss", forget_rate=0.5, warmup=0.5)
+    assert teacher.act(_obs([0.4, 0.1, 3.0, 2.0], 0.9)).tolist() == [1, 1, 0, 0]
+    assert make_agent("uniform").act(_obs([1.0] * 3, 0.5)).tolist() == [1, 1, 1]
+
+
+def test_unknown_agent_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid agents: " + ", ".join(AGENTS)):
+        make_agent("oracle")
+
+
+def test_auroc_against_hand_computed_values():
+    # positives 0.9, 0.4; negatives 0.5, 0.1: of 4 pairs, 3 ordered right -> 0.75
+    assert auroc(np.array([0.9, 0.4, 0.5, 0.1]), np.array([1, 1, 0, 0], bool)) == 0.75
+    # a tie between classes counts one half: pairs (0.5 vs 0.5) = 0.5, (0.5 vs 0.1) = 1 -> 0.75
+    assert auroc(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0], bool)) == 0.75
+    assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
+
+
+def test_readme_feature_tables_match_the_code():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_tables() in readme, "README feature tables are stale: run `python envs/observation.py`"

@@ -1,0 +1,168 @@
+"""train_teacher.py: outputs, resume after an interruption, and refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train_teacher
+from agents import CheckpointError, load_teacher
+from envs.teaching import TeachingEnv
+from tests.conftest import make_env
+
+TINY_ARGS = ["--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}", "--batch-size", "16", "--val-size", "200",
+             "--steps", "60", "--eval-every", "20", "--checkpoint-every", "20", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
+def _run(tmp_path, *extra: str, name: str = "run") -> dict:
+    return train_teacher.main(["--out", str(tmp_path / name), *TINY_ARGS, *extra])
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("agent", ["meta_grad", "mwnet", "l2rw", "uniform", "spl"])
+def test_run_writes_every_output(tmp_path, agent):
+    summary = _run(tmp_path, "--agent", agent)
+    run = tmp_path / "run"
+    for name in ("teacher.pt", "config.yaml", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [20, 40, 60]
+    assert {"student/test_acc", "student/val_acc", "teacher/auroc", "teacher/weight_clean"} <= set(records[-1])
+    assert 0 <= summary["final_test_acc"] <= 1
+    teacher = load_teacher(run, env=make_env(batch_size=16))
+    assert teacher.name == agent
+
+
+def test_meta_grad_logs_its_meta_loss_and_unroll_is_respected(tmp_path):
+    _run(tmp_path, "--agent", "meta_grad", "--unroll", "3")
+    record = _metrics(tmp_path / "run")[-1]
+    assert record["teacher/meta_loss"] > 0
+    assert load_teacher(tmp_path / "run").hp["unroll"] == 3
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    reference = _run(tmp_path, "--agent", "meta_grad", name="whole")
+    real_step = TeachingEnv.step
+
+    def crash_at_45(self, action):
+        if self.t == 45:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, action)
+
+    monkeypatch.setattr(TeachingEnv, "step", crash_at_45)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "--agent", "meta_grad", name="cut")
+    monkeypatch.setattr(TeachingEnv, "step", real_step)
+    assert [r["step"] for r in _metrics(tmp_path / "cut")] == [20, 40]
+    resumed = _run(tmp_path, "--agent", "meta_grad", "--resume", name="cut")
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")  # no lost or duplicated steps, same values
+    assert resumed["final_test_acc"] == reference["final_test_acc"]
+    a, b = (torch.load(tmp_path / n / "teacher.pt", weights_only=True)["state"]["net"] for n in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _exit_message(capsys, tmp_path, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train_teacher.main(["--out", str(tmp_path / "bad"), *TINY_ARGS, *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--agent", "teacher9000"], "invalid choice: 'teacher9000'"),  # unknown agent
+        (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),  # unknown dataset
+        (["--noise-rate", "1.5"], r"--noise-rate must be in [0, 1)"),  # rate out of range
+        (["--steps", "0"], "--steps must be >= 1"),  # nothing to do
+        (["--steps", "ten"], "invalid int value: 'ten'"),  # not a number
+        (["--student-kwargs", "[1"], "not valid YAML"),  # broken YAML flag
+        (["--student-kwargs", "[1, 2]"], "--student-kwargs must be a mapping"),  # YAML of the wrong kind
+        (["--batch-size", "100000"], "batch_size must be in"),  # larger than the training set
+        (["--dataset", "mnist", "--data-root", "/nonexistent"], "--download"),  # missing data
+        (["--resume"], "--resume needs a checkpoint"),  # nothing to resume
+    ],
+)
+def test_bad_flags_exit_2_with_one_clear_message(capsys, tmp_path, argv, message):
+    err = _exit_message(capsys, tmp_path, *argv)
+    assert message in err and "Traceback" not in err
+
+
+def test_config_file_is_read_and_flags_win(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("agent: mwnet\nseed: 3\nsteps: 40\n")
+    _run(tmp_path, "--config", str(config), "--seed", "4")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "agent: mwnet" in saved and "seed: 4" in saved and "steps: 60" in saved  # TINY_ARGS' --steps wins too
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("agent: [unclosed\n", "cannot read --config"),
+        ("teacher_lr: 3\n", "unknown keys: teacher_lr"),
+        ("- a\n- b\n", "must hold a mapping"),
+    ],
+)
+def test_bad_config_files_are_refused(capsys, tmp_path, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    assert message in _exit_message(capsys, tmp_path, "--config", str(config))
+
+
+def test_existing_run_is_never_overwritten_and_out_must_be_a_folder(capsys, tmp_path):
+    _run(tmp_path, "--agent", "mwnet")
+    before = (tmp_path / "run" / "teacher.pt").read_bytes()
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--agent", "mwnet")
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "teacher.pt").read_bytes() == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        _run(tmp_path, name="file")
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
+def test_corrupt_checkpoint_gives_a_clear_error(capsys, tmp_path, damage):
+    _run(tmp_path, "--agent", "meta_grad")
+    path = tmp_path / "run" / "teacher.pt"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "random": bytes(range(256)) * 8, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="not a readable l2t-gym checkpoint"):
+        load_teacher(path)
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--agent", "meta_grad", "--resume")
+    assert "not a readable l2t-gym checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_for_another_env_is_refused_by_name(tmp_path):
+    _run(tmp_path, "--agent", "meta_grad")
+    checkpoint = torch.load(tmp_path / "run" / "teacher.pt", weights_only=True)
+    checkpoint["obs_spec"]["internal"] = checkpoint["obs_spec"]["internal"][:-1]
+    torch.save(checkpoint, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="internal"):
+        load_teacher(tmp_path / "other.pt", env=make_env())
+    checkpoint["format_version"] = 99
+    torch.save(checkpoint, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_teacher(tmp_path / "future.pt")
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("import os; os.environ['L2T_PWNED'] = '1'",))
+
+    torch.save({"format": "l2t-gym-teacher", "payload": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_teacher(tmp_path / "evil.pt")
+    import os
+
+    assert "L2T_PWNED" not in os.environ
