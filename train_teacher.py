@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import envs  # noqa: F401  (registers Teaching-v0)
 from agents.base import AGENTS, CheckpointError, Teacher, make_agent, read_checkpoint
 from agents.diagnostics import auroc
+from envs import env_factory
 from envs.rewards import REWARDS
 from runconfig import field, parse_config, to_yaml, yaml_value
 from students.data import DATASETS, load_dataset
@@ -36,6 +36,8 @@ from students.models import STUDENTS
 from students.noise import NOISE_TYPES
 
 ONLINE_AGENTS = ("meta_grad", "mwnet")  # learn jointly with the student, through the env's functional access
+RL_AGENTS = ("reinforce", "ppo", "a2c")  # learn from rewards over many student episodes, through the Gym API
+RL_DEFAULT_HORIZON = 200
 
 
 @dataclass
@@ -52,7 +54,10 @@ class TrainConfig:
     noise_rate: float = field(0.4, "fraction of training labels corrupted, in [0, 1)")
     steps: int = field(3000, "total student updates (across episodes)")
     epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)")
-    horizon: int | None = field(None, "updates per student episode (default: --steps, one long joint run)")
+    horizon: int | None = field(
+        None, f"updates per student episode (default: --steps for online teachers, {200} for RL teachers)"
+    )
+    n_envs: int = field(1, "RL teachers: student episodes run in parallel processes")
     batch_size: int = field(128, "samples per student update")
     lr: float = field(0.1, "student learning rate")
     momentum: float = field(0.9, "student SGD momentum")
@@ -66,7 +71,8 @@ class TrainConfig:
     unroll: int = field(1, "meta_grad: real student updates B the meta-gradient goes through")
     meta_lr: float = field(3e-3, "meta_grad/mwnet: teacher Adam learning rate")
     val_batch: int = field(256, "meta_grad/mwnet/l2rw: validation samples per meta-gradient")
-    features: str = field("all", "meta_grad: teacher inputs (all = internal + surface)", choices=["all", "surface", "loss"])
+    features: str = field("all", "meta_grad/RL: teacher inputs (all = internal + surface)", choices=["all", "surface", "loss"])
+    rl_lr: float = field(1e-2, "reinforce: policy Adam learning rate (ppo/a2c use 3e-4)")
     seed: int = field(0, "seeds data split, label noise, student, teacher and batch order")
     device: str = field("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
     data_root: str | None = field(None, "folder holding torchvision-style datasets (e.g. ../shared/data)")
@@ -77,7 +83,7 @@ class TrainConfig:
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "eval_every", "val_size", "unroll", "val_batch", "checkpoint_every")
+        positive = ("steps", "batch_size", "eval_every", "val_size", "unroll", "val_batch", "checkpoint_every", "n_envs")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -115,6 +121,12 @@ def agent_kwargs(cfg: TrainConfig) -> dict[str, Any]:
         return dict(meta_lr=cfg.meta_lr, val_batch=cfg.val_batch, seed=cfg.seed)
     if cfg.agent == "l2rw":
         return dict(val_batch=cfg.val_batch)
+    if cfg.agent in RL_AGENTS and cfg.features == "loss":
+        raise ValueError("RL teachers read 'all' or 'surface' features, not 'loss'")
+    if cfg.agent == "reinforce":
+        return dict(features=cfg.features, lr=cfg.rl_lr, seed=cfg.seed)
+    if cfg.agent in RL_AGENTS:
+        return dict(features=cfg.features, seed=cfg.seed)
     return {}
 
 
@@ -235,6 +247,73 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return summarise(run_dir, time.perf_counter() - start)
 
 
+def run_rl(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Train an RL teacher over many student episodes of ``horizon`` updates (``cfg.steps`` in all),
+    then teach one fresh student with it, frozen, for the summary."""
+    horizon = cfg.horizon or min(cfg.steps, RL_DEFAULT_HORIZON)
+    make_env = env_factory(**env_kwargs(cfg, horizon))
+    teacher = make_agent(cfg.agent, **agent_kwargs(cfg))
+    ckpt_path = run_dir / "teacher.pt"
+    done_steps = 0
+    if cfg.resume:
+        saved = read_checkpoint(ckpt_path)
+        if saved["agent"] != cfg.agent:
+            raise CheckpointError(f"{ckpt_path} holds a {saved['agent']!r} teacher, not {cfg.agent!r}")
+        teacher.trained_on = saved["obs_spec"]
+        teacher.load_state_dict(saved["state"])
+        done_steps = saved["extra"]["step"]
+    probe = make_env()
+    log = RunLog(run_dir, cfg, done_steps)
+    bar = tqdm(total=cfg.steps, initial=done_steps, disable=not cfg.progress, desc=f"{cfg.agent} on {cfg.dataset}", unit="step")
+    start = time.perf_counter()
+    per_round = horizon * cfg.n_envs
+    last_saved = [done_steps]
+
+    def report(step: int, record: dict[str, Any]) -> None:
+        log.write(step, record)
+        bar.update(step - bar.n)
+        if "student/test_acc" in record:
+            bar.set_postfix(test_acc=f"{record['student/test_acc']:.3f}", ret=f"{record.get('teacher/return', 0):.3f}")
+        if step - last_saved[0] >= cfg.checkpoint_every or step >= cfg.steps:
+            teacher.save(ckpt_path, probe, extra={"step": step, "episode": 0})
+            last_saved[0] = step
+
+    if cfg.agent == "reinforce":
+
+        def after_round(rounds: int, stats: dict[str, Any]) -> None:
+            record = {f"teacher/{k}": v for k, v in stats.items() if k not in ("val_acc", "test_acc")}
+            record.update({f"student/{k}": stats[k] for k in ("val_acc", "test_acc") if k in stats})
+            report(rounds * per_round, {**record, "episode": rounds * cfg.n_envs})
+
+        teacher.learn(make_env, rounds=math.ceil(cfg.steps / per_round), n_envs=cfg.n_envs, seed=cfg.seed, callback=after_round)
+    else:
+        from agents.sb3 import ProgressCallback
+
+        callback = ProgressCallback(report, done_steps)
+        teacher.learn(make_env, max(0, cfg.steps - done_steps), cfg.n_envs, tensorboard_log=str(run_dir), callback=callback)
+        teacher.save(ckpt_path, probe, extra={"step": cfg.steps, "episode": 0})
+    bar.close()
+    log.close()
+    return {**taught_student_summary(teacher, probe, cfg.seed), "seconds": time.perf_counter() - start}
+
+
+def taught_student_summary(teacher: Teacher, env: Any, seed: int) -> dict[str, Any]:
+    """Teach one fresh student with the frozen ``teacher``; its test accuracy and the weights' AUROC."""
+    teacher.train(False)
+    obs, info = env.reset(seed=seed + 10_000)
+    weights, corrupted, test_accs, done = [], [], [], False
+    while not done:
+        w = teacher.act(obs)
+        weights.append(torch.as_tensor(w).cpu().numpy())
+        corrupted.append(np.asarray(info["corrupted"]))
+        obs, _, done, truncated, info = env.step(w)
+        done = done or truncated
+        if "test_acc" in info:
+            test_accs.append(info["test_acc"])
+    w, c = np.concatenate(weights), np.concatenate(corrupted)
+    return {"final_test_acc": test_accs[-1], "best_test_acc": max(test_accs), "auroc": auroc(w, ~c)}
+
+
 def checkpoint_interval(cfg: TrainConfig) -> int:
     """``checkpoint_every`` rounded up to a multiple of ``eval_every`` and ``unroll``, so that a
     resumed run loses no half-collected meta-gradient window or evaluation window."""
@@ -264,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         if cfg.epochs is not None:
             cfg.steps = steps_for_epochs(cfg)
-        summary = run_online(cfg, run_dir)
+        summary = run_rl(cfg, run_dir) if cfg.agent in RL_AGENTS else run_online(cfg, run_dir)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         fail(str(e))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

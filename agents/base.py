@@ -31,6 +31,9 @@ AGENTS: dict[str, str] = {
     "meta_grad": "agents.meta_grad:MetaGradTeacher",
     "mwnet": "agents.meta_grad:MetaWeightNetTeacher",
     "l2rw": "agents.meta_grad:ReweightTeacher",
+    "reinforce": "agents.reinforce:ReinforceTeacher",
+    "ppo": "agents.sb3:PPOTeacher",
+    "a2c": "agents.sb3:A2CTeacher",
 }
 
 

@@ -33,14 +33,14 @@ METHODS = ("auto", "jvp", "backward")
 
 
 def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
-    """Per-sample input rows (batch, in_dim): ``all`` = samples + internal + global, ``surface`` =
+    """Per-sample input rows (..., batch, in_dim), also for stacked observations: ``all`` = samples + internal + global, ``surface`` =
     samples + global, ``loss`` = the loss alone (Meta-Weight-Net's input)."""
     samples = obs["samples"]
     if features == "loss":
-        return samples[:, :1]
-    broadcast = obs["global"].expand(samples.shape[0], -1)
+        return samples[..., :1]
+    broadcast = obs["global"].unsqueeze(-2).expand(*samples.shape[:-1], -1)
     parts = [samples, obs["internal"], broadcast] if features == "all" else [samples, broadcast]
-    return torch.cat(parts, 1)
+    return torch.cat(parts, -1)
 
 
 def input_size(features: str) -> int:

@@ -154,6 +154,19 @@ def feature_bounds(table: tuple) -> tuple[np.ndarray, np.ndarray]:
     return np.array([f[2] for f in table], np.float32), np.array([f[3] for f in table], np.float32)
 
 
+FEATURE_TABLES = {"global": GLOBAL_FEATURES, "samples": SAMPLE_FEATURES, "internal": INTERNAL_FEATURES}
+
+
+def observation_box(table: tuple, rows: int | None):
+    """Gymnasium Box of one observation entry: the table's bounds, per row of the batch when ``rows`` is set."""
+    from gymnasium import spaces
+
+    low, high = feature_bounds(table)
+    if rows is not None:
+        low, high = np.tile(low, (rows, 1)), np.tile(high, (rows, 1))
+    return spaces.Box(low, high, dtype=np.float32)
+
+
 def clip_to_bounds(values: torch.Tensor, table: tuple) -> torch.Tensor:
     """Clip the last dimension of ``values`` to the table's bounds (NaN stays NaN)."""
     low, high = (torch.as_tensor(b, device=values.device) for b in feature_bounds(table))

@@ -11,14 +11,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from envs.observation import (
-    GLOBAL_FEATURES,
-    INTERNAL_FEATURES,
-    SAMPLE_FEATURES,
-    ObservationBuilder,
-    clip_to_bounds,
-    feature_bounds,
-)
+from envs.observation import FEATURE_TABLES, ObservationBuilder, clip_to_bounds, observation_box
 from envs.rewards import make_reward
 from students.data import BatchSampler, load_dataset
 from students.functional import LR_SCHEDULES, FunctionalStudent, Params, SGDConfig, sgd_update
@@ -26,15 +19,6 @@ from students.models import make_student
 from students.noise import corrupt_labels
 
 EVAL_CHUNK = 1024
-FEATURE_TABLES = {"global": GLOBAL_FEATURES, "samples": SAMPLE_FEATURES, "internal": INTERNAL_FEATURES}
-
-
-def _box(table: tuple, rows: int | None) -> spaces.Box:
-    """Box of one observation entry: the table's bounds, per row of the batch when ``rows`` is set."""
-    low, high = feature_bounds(table)
-    if rows is not None:
-        low, high = np.tile(low, (rows, 1)), np.tile(high, (rows, 1))
-    return spaces.Box(low, high, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -181,7 +165,7 @@ class TeachingEnv(gym.Env):
         self.tensor_obs, self.divergence_penalty = tensor_obs, divergence_penalty
         self.action_space = spaces.Box(0.0, 1.0, (batch_size,), np.float32)
         self.observation_space = spaces.Dict(
-            {key: _box(table, None if key == "global" else batch_size) for key, table in FEATURE_TABLES.items()}
+            {key: observation_box(table, None if key == "global" else batch_size) for key, table in FEATURE_TABLES.items()}
         )
         self._val_generator = torch.Generator().manual_seed(seed + 1)
         self._seeded = False

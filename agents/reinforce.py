@@ -1,0 +1,177 @@
+"""L2T's policy-gradient teacher (Fan et al., ICLR 2018), on ``Teaching-v0`` through the Gym API only.
+
+One small policy network is shared by all samples: it reads a sample's row (its ``samples`` and
+``internal`` features and the broadcast ``global`` features; ``features="surface"`` drops the
+internal ones, as in the original L2T state) and gives a keep probability. Actions are Bernoulli
+keep (weight 1) / drop (weight 0). After each round of ``n_envs`` student episodes (run in parallel
+processes when ``n_envs > 1``), the policy takes one REINFORCE step,
+
+    grad J ~ mean over episodes of (G - b) * sum_t grad log pi(a_t | s_t),
+
+with G the episode's return and b a moving average of past returns (the baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from agents.base import Teacher, as_tensor_obs
+from agents.meta_grad import input_size, teacher_inputs
+
+SURFACE_FEATURES = ("all", "surface")
+
+
+class KeepPolicy(nn.Module):
+    """Per-sample MLP -> keep logit (one hidden layer, as L2T)."""
+
+    def __init__(self, in_dim: int, hidden: int, init_keep: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.constant_(self.net[2].bias, float(torch.logit(torch.tensor(init_keep))))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.net(rows).squeeze(-1)
+
+
+def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: float) -> torch.Tensor:
+    """Surrogate whose gradient is the REINFORCE estimate of -grad J.
+
+    :param log_probs: (episodes,) sum over each episode's steps and samples of log pi(a | s).
+    :param returns: (episodes,) each episode's return G.
+    """
+    return -((returns - baseline) * log_probs).mean()
+
+
+def bernoulli_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a) of independent keep/drop decisions, summed over the last dimension."""
+    return -nn.functional.binary_cross_entropy_with_logits(logits, actions, reduction="none").sum(-1)
+
+
+class ReinforceTeacher(Teacher):
+    """L2T: Bernoulli keep/drop per sample from a shared policy, trained by REINFORCE with a baseline."""
+
+    name = "reinforce"
+    learned = True
+
+    def __init__(
+        self,
+        features: str = "all",
+        hidden: int = 32,
+        lr: float = 1e-2,
+        baseline_momentum: float = 0.9,
+        init_keep: float = 0.9,
+        seed: int = 0,
+    ):
+        if features not in SURFACE_FEATURES:
+            raise ValueError(f"unknown features {features!r}; valid features: {', '.join(SURFACE_FEATURES)}")
+        super().__init__(
+            features=features, hidden=hidden, lr=lr, baseline_momentum=baseline_momentum, init_keep=init_keep, seed=seed
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.policy = KeepPolicy(input_size(features), hidden, init_keep)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.baseline: float | None = None
+        self.rounds = 0
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> ReinforceTeacher:
+        self.device = torch.device(device)
+        self.policy.to(self.device)
+        return self
+
+    def logits(self, obs: dict) -> torch.Tensor:
+        """Keep logits, shape (..., batch_size), for one observation or a stack of them."""
+        return self.policy(teacher_inputs(as_tensor_obs(obs, self.device), self.config["features"]))
+
+    def act(self, obs: dict) -> torch.Tensor:
+        """Frozen teacher: keep the samples whose keep probability is at least 1/2."""
+        with torch.no_grad():
+            return (self.logits(obs) >= 0).float()
+
+    def sample(self, obs: dict) -> torch.Tensor:
+        """Training-time actions: Bernoulli draws from the policy (seeded generator)."""
+        with torch.no_grad():
+            probs = torch.sigmoid(self.logits(obs)).cpu()
+        return torch.bernoulli(probs, generator=self.generator)
+
+    # ------------------------------------------------------------------ learning
+    def learn(
+        self, make_env: Callable[[], gym.Env], rounds: int, n_envs: int = 1, seed: int = 0, callback: Callable | None = None
+    ) -> None:
+        """Train for ``rounds`` REINFORCE updates, each over ``n_envs`` fresh student episodes.
+
+        :param make_env: builds one ``Teaching-v0`` (called in each worker process when ``n_envs > 1``).
+        :param callback: called after every round with ``(round, stats)``; returning False stops.
+        """
+        vector_cls = gym.vector.AsyncVectorEnv if n_envs > 1 else gym.vector.SyncVectorEnv
+        envs = vector_cls([make_env] * n_envs)
+        try:
+            while self.rounds < rounds:
+                stats = self.learn_round(envs, seed + self.rounds * n_envs)
+                self.rounds += 1
+                if callback is not None and callback(self.rounds, stats) is False:
+                    break
+        finally:
+            envs.close()
+
+    def learn_round(self, envs: gym.vector.VectorEnv, seed: int) -> dict[str, Any]:
+        """Run one episode in every env of ``envs``, then take one REINFORCE step."""
+        n = envs.num_envs
+        obs, infos = envs.reset(seed=[seed + i for i in range(n)])
+        trajectories: list[list[tuple[dict, torch.Tensor]]] = [[] for _ in range(n)]
+        returns, active = np.zeros(n), np.ones(n, bool)
+        finals: list[dict] = [{} for _ in range(n)]
+        steps_to_end = np.zeros(n, int)
+        while active.any():
+            actions = self.sample(obs)
+            for i in np.flatnonzero(active):
+                trajectories[i].append(({k: np.array(v[i]) for k, v in obs.items()}, actions[i]))
+            obs, rewards, terminated, truncated, infos = envs.step(actions.numpy())
+            returns += np.where(active, rewards, 0.0)
+            for i in np.flatnonzero(active & (terminated | truncated)):
+                active[i] = False
+                steps_to_end[i] = len(trajectories[i])
+                finals[i] = {k: float(infos[k][i]) for k in ("val_acc", "test_acc") if k in infos and infos[f"_{k}"][i]}
+        log_probs = torch.stack([self._episode_log_prob(t) for t in trajectories])
+        returns_t = torch.as_tensor(returns, dtype=torch.float32, device=self.device)
+        baseline = float(returns.mean()) if self.baseline is None else self.baseline
+        self.optimizer.zero_grad(set_to_none=True)
+        reinforce_loss(log_probs, returns_t, baseline).backward()
+        self.optimizer.step()
+        beta = self.config["baseline_momentum"]
+        self.baseline = baseline * beta + (1 - beta) * float(returns.mean())
+        keep = float(np.mean([a.mean().item() for t in trajectories for _, a in t]))
+        return {
+            "return": float(returns.mean()), "baseline": self.baseline, "keep_fraction": keep,
+            "episode_steps": float(steps_to_end.mean()),
+            **{k: float(np.mean([f[k] for f in finals if k in f])) for k in ("val_acc", "test_acc") if any(k in f for f in finals)},
+        }  # fmt: skip
+
+    def _episode_log_prob(self, trajectory: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
+        """sum_t log pi(a_t | s_t) for one episode, from one batched forward over its steps."""
+        stacked = {k: np.stack([o[k] for o, _ in trajectory]) for k in trajectory[0][0]}
+        actions = torch.stack([a for _, a in trajectory]).to(self.device)
+        return bernoulli_log_prob(self.logits(stacked), actions).sum()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "baseline": self.baseline, "rounds": self.rounds, "generator": self.generator.get_state(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.baseline, self.rounds = state["baseline"], state["rounds"]
+            self.generator.set_state(state["generator"])
