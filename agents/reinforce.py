@@ -8,7 +8,11 @@ processes when ``n_envs > 1``), the policy takes one REINFORCE step,
 
     grad J ~ mean over episodes of (G - b) * sum_t grad log pi(a_t | s_t),
 
-with G the episode's return and b a moving average of past returns (the baseline).
+with G the episode's return and b a baseline. With ``paired`` (default) the episodes of a round
+teach identical students (same initialisation and batch order), so their returns differ only by the
+teacher's actions, and each episode's baseline is the mean return of the others (leave-one-out):
+common random numbers, which cuts the variance that student-to-student luck otherwise adds. Without
+it, or with one env, b is a moving average of past returns.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ class KeepPolicy(nn.Module):
         return self.net(rows).squeeze(-1)
 
 
-def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: float) -> torch.Tensor:
+def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float) -> torch.Tensor:
     """Surrogate whose gradient is the REINFORCE estimate of -grad J.
 
     :param log_probs: (episodes,) sum over each episode's steps and samples of log pi(a | s).
     :param returns: (episodes,) each episode's return G.
+    :param baseline: b, one value or one per episode (independent of that episode's actions).
     """
     return -((returns - baseline) * log_probs).mean()
 
@@ -67,12 +72,19 @@ class ReinforceTeacher(Teacher):
         lr: float = 1e-2,
         baseline_momentum: float = 0.9,
         init_keep: float = 0.9,
+        paired: bool = True,
         seed: int = 0,
     ):
         if features not in SURFACE_FEATURES:
             raise ValueError(f"unknown features {features!r}; valid features: {', '.join(SURFACE_FEATURES)}")
         super().__init__(
-            features=features, hidden=hidden, lr=lr, baseline_momentum=baseline_momentum, init_keep=init_keep, seed=seed
+            features=features,
+            hidden=hidden,
+            lr=lr,
+            baseline_momentum=baseline_momentum,
+            init_keep=init_keep,
+            paired=paired,
+            seed=seed,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -105,15 +117,19 @@ class ReinforceTeacher(Teacher):
 
     # ------------------------------------------------------------------ learning
     def learn(
-        self, make_env: Callable[[], gym.Env], rounds: int, n_envs: int = 1, seed: int = 0, callback: Callable | None = None
-    ) -> None:
+        self, make_env: Callable[[], gym.Env], rounds: int, n_envs: int = 1, seed: int = 0, callback: Callable | None = None,
+        processes: bool = True,
+    ) -> None:  # fmt: skip
         """Train for ``rounds`` REINFORCE updates, each over ``n_envs`` fresh student episodes.
 
         :param make_env: builds one ``Teaching-v0`` (called in each worker process when ``n_envs > 1``).
+        :param processes: run the ``n_envs`` episodes in parallel worker processes (else one after another).
         :param callback: called after every round with ``(round, stats)``; returning False stops.
         """
-        vector_cls = gym.vector.AsyncVectorEnv if n_envs > 1 else gym.vector.SyncVectorEnv
-        envs = vector_cls([make_env] * n_envs)
+        if n_envs > 1 and processes:  # forkserver: forking a process whose torch thread pools are running can deadlock
+            envs = gym.vector.AsyncVectorEnv([make_env] * n_envs, context="forkserver")
+        else:
+            envs = gym.vector.SyncVectorEnv([make_env] * n_envs)
         try:
             while self.rounds < rounds:
                 stats = self.learn_round(envs, seed + self.rounds * n_envs)
@@ -126,7 +142,7 @@ class ReinforceTeacher(Teacher):
     def learn_round(self, envs: gym.vector.VectorEnv, seed: int) -> dict[str, Any]:
         """Run one episode in every env of ``envs``, then take one REINFORCE step."""
         n = envs.num_envs
-        obs, infos = envs.reset(seed=[seed + i for i in range(n)])
+        obs, infos = envs.reset(seed=[seed if self.config["paired"] else seed + i for i in range(n)])
         trajectories: list[list[tuple[dict, torch.Tensor]]] = [[] for _ in range(n)]
         returns, active = np.zeros(n), np.ones(n, bool)
         finals: list[dict] = [{} for _ in range(n)]
@@ -143,18 +159,29 @@ class ReinforceTeacher(Teacher):
                 finals[i] = {k: float(infos[k][i]) for k in ("val_acc", "test_acc") if k in infos and infos[f"_{k}"][i]}
         log_probs = torch.stack([self._episode_log_prob(t) for t in trajectories])
         returns_t = torch.as_tensor(returns, dtype=torch.float32, device=self.device)
-        baseline = float(returns.mean()) if self.baseline is None else self.baseline
         self.optimizer.zero_grad(set_to_none=True)
-        reinforce_loss(log_probs, returns_t, baseline).backward()
+        reinforce_loss(log_probs, returns_t, self._baselines(returns)).backward()
         self.optimizer.step()
         beta = self.config["baseline_momentum"]
-        self.baseline = baseline * beta + (1 - beta) * float(returns.mean())
+        self.baseline = (
+            float(returns.mean()) if self.baseline is None else self.baseline * beta + (1 - beta) * float(returns.mean())
+        )
         keep = float(np.mean([a.mean().item() for t in trajectories for _, a in t]))
         return {
             "return": float(returns.mean()), "baseline": self.baseline, "keep_fraction": keep,
             "episode_steps": float(steps_to_end.mean()),
             **{k: float(np.mean([f[k] for f in finals if k in f])) for k in ("val_acc", "test_acc") if any(k in f for f in finals)},
         }  # fmt: skip
+
+    def _baselines(self, returns: np.ndarray) -> torch.Tensor:
+        """Per-episode baselines: with paired episodes, the mean return of the round's other episodes
+        (same student, other actions); otherwise the moving average of past returns."""
+        n = len(returns)
+        if self.config["paired"] and n > 1:
+            values = (returns.sum() - returns) / (n - 1)
+        else:
+            values = np.full(n, returns.mean() if self.baseline is None else self.baseline)
+        return torch.as_tensor(values, dtype=torch.float32, device=self.device)
 
     def _episode_log_prob(self, trajectory: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
         """sum_t log pi(a_t | s_t) for one episode, from one batched forward over its steps."""
