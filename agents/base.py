@@ -55,6 +55,7 @@ class Teacher:
         self.config = config
         self.training = False
         self.trained_on: dict | None = None  # observation spec of the env it learned on
+        self.trained_env: dict | None = None  # config of that env (dataset, student, noise, ...)
 
     def act(self, obs: dict) -> torch.Tensor:
         """One weight in [0, 1] per sample of the observed batch, shape (batch_size,)."""
@@ -102,6 +103,7 @@ class Teacher:
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "config": self.config,
             "obs_spec": spec,
+            "env_config": dict(env.unwrapped.config) if env is not None else self.trained_env,
             "state": self.state_dict(),
             "extra": extra or {},
             "versions": library_versions(),
@@ -172,7 +174,7 @@ def load_teacher(path: str | Path, env: Any = None, device: str | torch.device =
     """Load any saved teacher; with ``env``, refuse it unless it can act on that env."""
     checkpoint = read_checkpoint(path)
     teacher = make_agent(checkpoint["agent"], **checkpoint["config"])
-    teacher.trained_on = checkpoint["obs_spec"]
+    teacher.trained_on, teacher.trained_env = checkpoint["obs_spec"], checkpoint.get("env_config")
     try:
         teacher.load_state_dict(checkpoint["state"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
