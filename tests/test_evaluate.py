@@ -1,0 +1,153 @@
+"""evaluate.py: end-to-end outputs, statistics against hand-computed values, workers, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+import evaluate
+import train_teacher
+
+SMALL = ["--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}", "--batch-size", "16", "--val-size", "200",
+         "--steps", "40", "--eval-every", "20", "--thresholds", "0.3,0.99", "--no-progress"]  # fmt: skip
+
+
+def _evaluate(tmp_path, *argv: str, name: str = "report") -> list[dict]:
+    return evaluate.main(["--out", str(tmp_path / name), *SMALL, *argv])
+
+
+def test_small_suite_runs_end_to_end_and_writes_every_output(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("agents: uniform,spl,l2rw,meta_grad\nseeds: 2\ngrid:\n  noise: [symmetric, pairflip]\n")
+    rows = evaluate.main(["--suite", str(suite), "--out", str(tmp_path / "r"), *SMALL])
+    out = tmp_path / "r"
+    assert len(rows) == 4 * 2 * 2
+    for name in ("report.md", "results.csv", "results.json", "curves.png", "weights.png"):
+        assert (out / name).stat().st_size > 0, name
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 16 and {"agent", "seed", "final_test_acc", "auroc", "steps_to_0.3", "cfg_steps"} <= set(table[0])
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["runs"]) == 16 and len(data["summary"]) == 8
+    report = (out / "report.md").read_text()
+    for noise in ("symmetric", "pairflip"):
+        section = report.split(f"## digits / mlp / {noise} 0.4")[1].split("##")[0]
+        rows_md = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| agent")]
+        assert len(rows_md) == 4
+        accs = [float(line.split("|")[2].split()[0]) for line in rows_md]
+        assert accs == sorted(accs, reverse=True), "the table is sorted by test accuracy"
+
+
+def test_statistics_match_hand_computed_values():
+    s = evaluate.summarise([1.0, 2.0, 3.0, float("nan")])  # NaN (never reached) is left out
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
+    assert s["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) = 4.302653
+    single = evaluate.summarise([0.7])
+    assert single["mean"] == 0.7 and math.isnan(single["std"]) and math.isnan(single["ci95"])
+    curve = [(100, 0.4, 0.41), (200, 0.55, 0.5), (300, 0.7, 0.69)]
+    assert evaluate.steps_to_threshold(curve, 0.5) == 200
+    assert evaluate.steps_to_threshold(curve, 0.7) == 300
+    assert math.isnan(evaluate.steps_to_threshold(curve, 0.8))
+    rows = [
+        {
+            "agent": "uniform",
+            "seconds_per_step": 1.0,
+            "dataset": "d",
+            "student": "s",
+            "noise": "n",
+            "noise_rate": 0.4,
+            "student_kwargs": "null",
+        },
+        {
+            "agent": "uniform",
+            "seconds_per_step": 3.0,
+            "dataset": "d",
+            "student": "s",
+            "noise": "n",
+            "noise_rate": 0.4,
+            "student_kwargs": "null",
+        },
+        {
+            "agent": "x",
+            "seconds_per_step": 4.0,
+            "dataset": "d",
+            "student": "s",
+            "noise": "n",
+            "noise_rate": 0.4,
+            "student_kwargs": "null",
+        },
+    ]
+    evaluate.add_uniform_ratio(rows)
+    assert [r["time_ratio_to_uniform"] for r in rows] == [0.5, 1.5, 2.0]
+
+
+def _deterministic(rows: list[dict]) -> list[dict]:
+    timing = ("seconds_per_step", "time_ratio_to_uniform")
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def test_workers_do_not_change_results(tmp_path):
+    one = _evaluate(tmp_path, "--agents", "uniform,meta_grad", "--seeds", "2", "--workers", "1", name="one")
+    two = _evaluate(tmp_path, "--agents", "uniform,meta_grad", "--seeds", "2", "--workers", "2", name="two")
+    assert json.dumps(_deterministic(one), sort_keys=True) == json.dumps(_deterministic(two), sort_keys=True)  # NaN-safe
+
+
+def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path):
+    run = tmp_path / "teacher"
+    train_teacher.main(["--agent", "meta_grad", "--out", str(run), "--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}",
+                        "--batch-size", "16", "--val-size", "200", "--steps", "40", "--eval-every", "20", "--no-progress"])  # fmt: skip
+    rows = evaluate.main(["--out", str(tmp_path / "t"), "--agents", "uniform", "--teachers", str(run), "--dataset", "mnist1d",
+                          "--student", "cnn", "--student-kwargs", "{channels: [4, 8], fc: 16}", "--batch-size", "16",
+                          "--steps", "40", "--eval-every", "20", "--no-progress", "--seeds", "1"])  # fmt: skip
+    transferred = [r for r in rows if r["teacher_path"]]
+    assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric0.4" and not transferred[0]["online"]
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "## Transfer pairs" in report and "digits/mlp/symmetric0.4 | mnist1d/cnn/symmetric0.4 | frozen" in report
+
+
+def _exit_2(capsys, tmp_path, *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        _evaluate(tmp_path, *argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--agents", "uniform,oracle"], "unknown agent 'oracle'"),
+        (["--agents", "ppo"], "cannot start untrained"),
+        (["--agents", "", "--teachers", ""], "nothing to evaluate"),
+        (["--teachers", "runs/does-not-exist"], "does not exist"),
+        (["--grid", "{noise: []}"], "the grid is empty"),
+        (["--grid", "{optimizer: [sgd]}"], "unknown keys optimizer"),
+        (["--grid", "{dataset: [imagenet]}"], "unknown dataset 'imagenet'"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--thresholds", "half"], "--thresholds must be comma-separated numbers"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message(capsys, tmp_path, argv, message):
+    err = _exit_2(capsys, tmp_path, *argv)
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_teacher_that_cannot_act_on_the_target_fails_before_training(capsys, tmp_path):
+    run = tmp_path / "ppo"
+    train_teacher.main(["--agent", "ppo", "--out", str(run), "--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}",
+                        "--batch-size", "16", "--val-size", "200", "--steps", "40", "--horizon", "20", "--eval-every", "20",
+                        "--no-progress"])  # fmt: skip
+    err = _exit_2(capsys, tmp_path, "--agents", "uniform", "--teachers", str(run), "--batch-size", "32")
+    assert "batch_size = 16" in err and "batch_size = 32" in err
+
+
+def test_auroc_and_weights_are_recorded_per_run(tmp_path):
+    rows = _evaluate(tmp_path, "--agents", "uniform,small_loss", "--seeds", "1")
+    by_agent = {r["agent"]: r for r in rows}
+    assert by_agent["uniform"]["auroc"] == 0.5
+    assert by_agent["small_loss"]["weight_clean"] > by_agent["small_loss"]["weight_corrupted"]
+    assert np.isfinite(by_agent["small_loss"]["steps_to_0.3"]) and np.isnan(by_agent["small_loss"]["steps_to_0.99"])
