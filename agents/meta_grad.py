@@ -17,6 +17,7 @@ reference the JVP path is tested against).
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Any
 
@@ -27,6 +28,10 @@ from torch import nn
 from agents.base import Teacher, as_tensor_obs
 from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
 from students.functional import WEIGHT_SUM_EPS, Params, sgd_update
+
+# PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
+# warning is about PyTorch internals, not about anything a user of this package can change.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 FEATURE_SETS = ("all", "surface", "loss")
 METHODS = ("auto", "jvp", "backward")

@@ -1,0 +1,69 @@
+"""Shared helpers of the benchmarks: machine description, synchronised timing, interleaved rounds."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def machine(device: torch.device) -> dict:
+    """Hardware, versions and date, stated in every result."""
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": str(torch.__version__),
+        "device": str(device),
+    }  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Mean wall time of ``fn`` over ``calls`` calls, synchronising the device before and after."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], calls: int, rounds: int, device: torch.device) -> dict[str, dict]:
+    """Time each candidate in ``rounds`` alternating rounds (so drifts of a noisy machine hit all
+    alike); median and spread of the per-round means, in milliseconds."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():  # warm-up (allocator, lazy init, first-use compilation)
+        seconds_per_call(fn, max(1, calls // 4), device)
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            samples[name].append(1e3 * seconds_per_call(fn, calls, device))
+    return {
+        name: {"ms": statistics.median(v), "ms_min": min(v), "ms_max": max(v), "rounds": rounds, "calls": calls}
+        for name, v in samples.items()
+    }
+
+
+def save(name: str, payload: dict) -> Path:
+    """Write ``payload`` to benchmarks/results/<name>-<device>-<date>.json and return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = payload["machine"]["date"][:10]
+    path = RESULTS / f"{name}-{payload['machine']['device'].split(':')[0]}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path

@@ -1,0 +1,82 @@
+"""Cost of the environment: one ``Teaching-v0`` step (uniform weights, observations on) against one
+step of a plain PyTorch training loop on the same student, data and batch size, measured side by
+side in one process. Target: env step <= 1.25x the plain step.
+
+    python benchmarks/env_overhead.py [--device cuda] [--dataset mnist1d --student mlp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import DATA_ROOT, interleaved, machine, save  # noqa: E402
+from envs import env_factory  # noqa: E402
+from envs.teaching import resolve_device  # noqa: E402
+from students.models import make_student  # noqa: E402
+
+
+def measure(dataset: str, student: str, batch_size: int, device: torch.device, calls: int, rounds: int) -> dict:
+    make = lambda tensor_obs: env_factory(
+        dataset=dataset, student=student, batch_size=batch_size, horizon=10**9, eval_every=10**9, device=str(device),
+        data_root=str(DATA_ROOT), tensor_obs=tensor_obs, disable_env_checker=True,
+    )()  # fmt: skip
+    env_tensor, env_numpy = make(True), make(False)
+    env_tensor.reset(seed=0)
+    env_numpy.reset(seed=0)
+    ones = torch.ones(batch_size, device=device)
+    data = env_tensor.unwrapped.data
+    labels = env_tensor.unwrapped.noisy_labels
+    model = make_student(student, data.input_shape, data.num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(0)
+
+    def plain_step() -> None:
+        idx = torch.randint(0, len(data.train), (batch_size,), generator=generator).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(data.train.x[idx])
+        F.cross_entropy(logits, labels[idx]).backward()
+        optimizer.step()
+
+    timings = interleaved(
+        {"plain loop": plain_step, "env (tensor obs)": lambda: env_tensor.step(ones), "env (numpy obs)": lambda: env_numpy.step(ones.cpu().numpy())},
+        calls, rounds, device,
+    )  # fmt: skip
+    base = timings["plain loop"]["ms"]
+    for t in timings.values():
+        t["ratio_to_plain"] = t["ms"] / base
+    return {"dataset": dataset, "student": student, "batch_size": batch_size, "timings": timings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dataset", default="mnist1d")
+    parser.add_argument("--student", default="mlp")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    result = {
+        "machine": machine(device),
+        "results": [measure(args.dataset, args.student, args.batch_size, device, args.calls, args.rounds)],
+    }
+    for r in result["results"]:
+        print(f"{r['dataset']}/{r['student']} batch {r['batch_size']} on {device}:")
+        for name, t in r["timings"].items():
+            print(
+                f"  {name:18s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain; rounds {t['ms_min']:.3f}-{t['ms_max']:.3f})"
+            )
+    if not args.no_save:
+        print("saved", save("env_overhead", result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Cost of teaching: a plain student step against one full teaching step (teacher acts, the env
+takes the weighted student update, the teacher takes its meta-gradient step) for ``meta_grad``
+with B = 1, 3, 5, ``mwnet`` and ``l2rw``, side by side in one process. Milliseconds per student
+step, ratio to the plain step, and peak GPU memory (on CUDA).
+
+    python benchmarks/teach_step.py                       # CPU: mlp/mnist1d and cnn/MNIST
+    python benchmarks/teach_step.py --device cuda         # adds resnet32 on CIFAR-shaped data
+
+Targets: meta_grad B = 1 at most 3x a plain step (ResNet-32 batch 128 on GPU, cnn/MNIST on CPU);
+B = 5 at most 5x per student step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import students.data  # noqa: E402
+from agents import make_agent  # noqa: E402
+from benchmarks.common import DATA_ROOT, interleaved, machine, save, sync  # noqa: E402
+from envs import env_factory  # noqa: E402
+from envs.teaching import resolve_device  # noqa: E402
+from students.models import make_student  # noqa: E402
+
+CONFIGS = {
+    "mlp/mnist1d": dict(dataset="mnist1d", student="mlp"),
+    "cnn/mnist": dict(dataset="mnist", student="cnn"),
+    "resnet32/cifar-shaped": dict(dataset="cifar10", student="resnet32"),
+}
+TEACHERS = {
+    "meta_grad B=1": ("meta_grad", {"unroll": 1}),
+    "meta_grad B=3": ("meta_grad", {"unroll": 3}),
+    "meta_grad B=5": ("meta_grad", {"unroll": 5}),
+    "mwnet": ("mwnet", {}),
+    "l2rw": ("l2rw", {}),
+}
+
+
+def cifar_shaped(name: str, data_root, download) -> tuple[np.ndarray, ...]:
+    """Random data of CIFAR's shape and size: timing depends on shapes only (CIFAR is not on disk here)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((50_000, 3, 32, 32), dtype=np.float32)
+    return x, rng.integers(0, 10, 50_000), x[:10_000], rng.integers(0, 10, 10_000)
+
+
+def make_env(config: dict, batch_size: int, device: torch.device):
+    env = env_factory(
+        **config, batch_size=batch_size, horizon=10**9, eval_every=10**9, device=str(device), data_root=str(DATA_ROOT),
+        tensor_obs=True, disable_env_checker=True,
+    )()  # fmt: skip
+    obs, _ = env.reset(seed=0)
+    return env, obs
+
+
+def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, device: torch.device):
+    """A closure doing one full teaching step on its own env and teacher."""
+    env, obs = make_env(config, batch_size, device)
+    teacher = make_agent(agent, **({**kwargs, "val_batch": batch_size} if agent != "l2rw" else {"val_batch": batch_size}))
+    if hasattr(teacher, "to"):
+        teacher.to(device)
+    if hasattr(teacher, "bind"):
+        teacher.bind(env)
+    teacher.train()
+    state = {"obs": obs}
+
+    def step() -> None:
+        weights = teacher.act(state["obs"])
+        state["obs"], reward, terminated, truncated, info = env.step(weights)
+        teacher.observe(env, reward, terminated, info)
+
+    return step
+
+
+def plain_step(config: dict, batch_size: int, device: torch.device):
+    env, _ = make_env(config, batch_size, device)
+    data, labels = env.unwrapped.data, env.unwrapped.noisy_labels
+    model = make_student(config["student"], data.input_shape, data.num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randint(0, len(data.train), (batch_size,), generator=generator).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(data.train.x[idx])
+        F.cross_entropy(logits, labels[idx]).backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_memory(step, calls: int, device: torch.device) -> float | None:
+    """Peak GPU memory (MiB) over ``calls`` steps; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(calls):
+        step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def measure(name: str, batch_size: int, device: torch.device, calls: int, rounds: int) -> dict:
+    config = CONFIGS[name]
+    candidates = {"plain step": plain_step(config, batch_size, device)}
+    env_ones = make_env(config, batch_size, device)[0]
+    ones = torch.ones(batch_size, device=device)
+    candidates["env step (uniform)"] = lambda: env_ones.step(ones)
+    for label, (agent, kwargs) in TEACHERS.items():
+        candidates[label] = teaching_step(agent, kwargs, config, batch_size, device)
+    timings = interleaved(candidates, calls, rounds, device)
+    base = timings["plain step"]["ms"]
+    for label, t in timings.items():
+        t["ratio_to_plain"] = t["ms"] / base
+        t["peak_mib"] = peak_memory(candidates[label], min(calls, 10), device)
+    return {"config": name, "batch_size": batch_size, "timings": timings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--configs", default=None, help=f"comma-separated, from {', '.join(CONFIGS)} (default: by device)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--calls", type=int, default=30, help="steps per timing round (a multiple of 15 keeps B=3, 5 windows whole)"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    names = args.configs.split(",") if args.configs else (list(CONFIGS) if device.type == "cuda" else list(CONFIGS)[:2])
+    students.data._cifar = cifar_shaped  # noqa: SLF001  (benchmark only: random CIFAR-shaped data)
+    results = []
+    for name in names:
+        r = measure(name, args.batch_size, device, args.calls, args.rounds)
+        results.append(r)
+        print(f"{name}, batch {args.batch_size}, {device}:")
+        for label, t in r["timings"].items():
+            memory = f", peak {t['peak_mib']:.0f} MiB" if t["peak_mib"] is not None else ""
+            print(f"  {label:20s} {t['ms']:8.2f} ms/step  x{t['ratio_to_plain']:.2f}{memory}")
+    payload = {"machine": machine(device), "results": results}
+    if not args.no_save:
+        print("saved", save("teach_step", payload))
+
+
+if __name__ == "__main__":
+    main()
