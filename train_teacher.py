@@ -140,8 +140,8 @@ class RunLog:
         if start_step and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        else:
+            self.path.write_text("")
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
         if not start_step:
             table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items())
@@ -208,8 +208,6 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_path = run_dir / "teacher.pt"
     if cfg.resume:
         saved = read_checkpoint(ckpt_path)
-        if saved["agent"] != cfg.agent:
-            raise CheckpointError(f"{ckpt_path} holds a {saved['agent']!r} teacher, not {cfg.agent!r}")
         teacher.load_state_dict(saved["state"])
         step, episode = saved["extra"]["step"], saved["extra"]["episode"]
     obs, info = env.reset(seed=cfg.seed + episode)
@@ -238,6 +236,7 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         if terminated or truncated:
             if info.get("diverged"):
                 tqdm.write(f"episode {episode} diverged at step {info['step']}; starting a new student")
+                log.write(step, {"student/diverged": 1, "episode": episode})
             episode += 1
             obs, info = env.reset(seed=cfg.seed + episode)
         if step % every == 0 or step == cfg.steps:
@@ -257,8 +256,6 @@ def run_rl(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     done_steps = 0
     if cfg.resume:
         saved = read_checkpoint(ckpt_path)
-        if saved["agent"] != cfg.agent:
-            raise CheckpointError(f"{ckpt_path} holds a {saved['agent']!r} teacher, not {cfg.agent!r}")
         teacher.trained_on = saved["obs_spec"]
         teacher.load_state_dict(saved["state"])
         done_steps = saved["extra"]["step"]
@@ -324,12 +321,14 @@ def checkpoint_interval(cfg: TrainConfig) -> int:
 def summarise(run_dir: Path, seconds: float) -> dict[str, Any]:
     """Final and best test accuracy of the last episode and the teacher's AUROC, from metrics.jsonl."""
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    last_episode = [r for r in records if r["episode"] == records[-1]["episode"]]
+    evaluated = [r for r in records if "student/test_acc" in r]
+    last_episode = [r for r in evaluated if r["episode"] == evaluated[-1]["episode"]] if evaluated else []
     aurocs = [r["teacher/auroc"] for r in records if np.isfinite(r.get("teacher/auroc", float("nan")))]
+    nan = float("nan")
     return {
-        "final_test_acc": last_episode[-1]["student/test_acc"],
-        "best_test_acc": max(r["student/test_acc"] for r in last_episode),
-        "best_val_acc": max(r["student/val_acc"] for r in last_episode),
+        "final_test_acc": last_episode[-1]["student/test_acc"] if last_episode else nan,
+        "best_test_acc": max((r["student/test_acc"] for r in last_episode), default=nan),
+        "best_val_acc": max((r["student/val_acc"] for r in last_episode), default=nan),
         "auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
         "seconds": seconds,
     }
@@ -373,6 +372,12 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     if cfg.resume:
         if not (run_dir / "teacher.pt").is_file():
             fail(f"--resume needs a checkpoint, but {run_dir / 'teacher.pt'} does not exist")
+        try:
+            saved = read_checkpoint(run_dir / "teacher.pt")
+        except CheckpointError as e:
+            fail(str(e))
+        if saved["agent"] != cfg.agent:
+            fail(f"{run_dir / 'teacher.pt'} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
     elif (run_dir / "teacher.pt").exists():
         fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -179,8 +179,11 @@ class MetaGradTeacher(Teacher):
             val_loss = unrolled_val_loss(env, transitions, weights, val_indices)
             val_loss.backward()
             val_loss = val_loss.detach()
+        if not all(torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None):
+            self.optimizer.zero_grad(set_to_none=True)  # a diverging student gives no usable signal
+            return {"meta_loss": val_loss.item(), "meta_skipped": 1.0}
         self.optimizer.step()
-        return {"meta_loss": val_loss.item()}
+        return {"meta_loss": val_loss.item(), "meta_skipped": 0.0}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

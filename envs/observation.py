@@ -168,9 +168,10 @@ def observation_box(table: tuple, rows: int | None):
 
 
 def clip_to_bounds(values: torch.Tensor, table: tuple) -> torch.Tensor:
-    """Clip the last dimension of ``values`` to the table's bounds (NaN stays NaN)."""
+    """Clip the last dimension of ``values`` to the table's bounds; NaN (a feature of a degenerate
+    student, e.g. all-zero hidden states) becomes 0."""
     low, high = (torch.as_tensor(b, device=values.device) for b in feature_bounds(table))
-    return torch.minimum(torch.maximum(values, low), high)
+    return torch.minimum(torch.maximum(torch.nan_to_num(values, nan=0.0), low), high)
 
 
 def observation_spec(env) -> dict:

@@ -1,0 +1,257 @@
+"""Reliability: reproducible runs, crash-safe resume (SIGKILL), atomic checkpoints, one clear error
+for each of many bad inputs, and divergence that never stops teacher training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train_teacher
+from agents import CheckpointError, load_teacher
+from agents.base import atomic_torch_save
+from students.data import DatasetNotFoundError
+from tests.conftest import make_env
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}", "--batch-size", "16", "--val-size", "200",
+        "--eval-every", "20", "--checkpoint-every", "20", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
+def _train(out: Path, *argv: str) -> dict:
+    return train_teacher.main(["--out", str(out), *TINY, *argv])
+
+
+def _folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("agent", ["meta_grad", "mwnet", "l2rw", "uniform", "spl", "small_loss", "reinforce", "ppo"])
+def test_same_seed_same_metrics_and_checkpoint(tmp_path, agent):
+    extra = ["--steps", "60"] + (["--horizon", "20"] if agent in ("reinforce", "ppo") else [])
+    a, b = _train(tmp_path / "a", "--agent", agent, *extra), _train(tmp_path / "b", "--agent", agent, *extra)
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    sa, sb = (torch.load(tmp_path / n / "teacher.pt", weights_only=True)["state"] for n in "ab")
+    flat = lambda s: {k: v for k, v in torch.utils._pytree.tree_flatten_with_path(s)[0]} if s else {}  # noqa: E731
+    fa, fb = flat(sa), flat(sb)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        x, y = fa[key], fb[key]
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f"{agent}: {key} differs"
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
+    args = [sys.executable, str(ROOT / "train_teacher.py"), "--agent", "meta_grad", "--steps", "200", *TINY]
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True, cwd=ROOT)
+    victim = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoint = tmp_path / "cut" / "teacher.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert checkpoint.exists()
+    load_teacher(checkpoint)  # whatever moment it died, the checkpoint on disk is whole
+    subprocess.run([*args, "--out", str(tmp_path / "cut"), "--resume"], check=True, capture_output=True, cwd=ROOT)
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in resumed] == list(range(20, 201, 20)), "no lost or duplicated steps"
+    assert resumed == whole
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    _train(tmp_path / "run", "--agent", "meta_grad", "--steps", "40")
+    path = tmp_path / "run" / "teacher.pt"
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dies_halfway(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"x": torch.ones(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before and load_teacher(path).name == "meta_grad"
+    assert not list(path.parent.glob(".teacher.pt.*")), "the temporary file is cleaned up"
+
+
+def test_divergence_ends_episodes_but_teacher_training_continues(tmp_path, capsys):
+    _train(tmp_path / "run", "--agent", "meta_grad", "--steps", "120", "--horizon", "40", "--lr", "1e4")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "diverged at step" in capsys.readouterr().out
+    diverged = [r for r in records if r.get("student/diverged")]
+    assert len({r["episode"] for r in diverged}) >= 2, "every episode diverged and a new student started each time"
+    teacher = load_teacher(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in teacher.net.parameters()), "the teacher survived its students"
+
+
+# ------------------------------------------------------------------------------------------------
+# One table of bad inputs. Each case names one culprit; each gives one clear message; the CLI ones
+# exit with code 2 and no traceback; an existing run folder is never touched.
+
+
+def _truncated(run: Path, tmp: Path) -> Path:
+    (tmp / "truncated.pt").write_bytes((run / "teacher.pt").read_bytes()[:300])
+    return tmp / "truncated.pt"
+
+
+def _random_bytes(run: Path, tmp: Path) -> Path:
+    (tmp / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    return tmp / "random.pt"
+
+
+def _edited(change):
+    def make(run: Path, tmp: Path) -> Path:
+        checkpoint = torch.load(run / "teacher.pt", weights_only=True)
+        change(checkpoint)
+        torch.save(checkpoint, tmp / "edited.pt")
+        return tmp / "edited.pt"
+
+    return make
+
+
+def _evil(run: Path, tmp: Path) -> Path:
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch evil-ran",))
+
+    torch.save({"format": "l2t-gym-teacher", "x": Exploit()}, tmp / "evil.pt")
+    return tmp / "evil.pt"
+
+
+ENV_CASES = [
+    ("action-short", lambda e: e.step(np.ones(15, np.float32)), ValueError, "shape (16,)"),
+    ("action-2d", lambda e: e.step(np.ones((4, 4), np.float32)), ValueError, "shape (16,)"),
+    ("action-nan", lambda e: e.step(np.full(16, np.nan, np.float32)), ValueError, "finite and in [0, 1]"),
+    ("action-inf", lambda e: e.step(np.full(16, np.inf, np.float32)), ValueError, "is inf"),
+    ("action-above-1", lambda e: e.step(np.full(16, 2.0, np.float32)), ValueError, "is 2.0"),
+    ("action-negative", lambda e: e.step(np.full(16, -1.0, np.float32)), ValueError, "is -1.0"),
+    ("action-strings", lambda e: e.step(np.array(["x"] * 16)), ValueError, "real numbers"),
+    ("action-object", lambda e: e.step(np.array([None] * 16)), ValueError, "real numbers"),
+]
+CONSTRUCTION_CASES = [
+    ("unknown-dataset", dict(dataset="svhn"), ValueError, "valid datasets"),
+    ("unknown-student", dict(student="vit"), ValueError, "valid students"),
+    ("unknown-noise", dict(noise="gauss"), ValueError, "valid noises"),
+    ("unknown-reward", dict(reward="loss"), ValueError, "valid rewards"),
+    ("noise-rate-1", dict(noise_rate=1.0), ValueError, "noise rate must be in [0, 1)"),
+    ("noise-rate-negative", dict(noise_rate=-0.2), ValueError, "noise rate must be in [0, 1)"),
+    ("batch-larger-than-train", dict(batch_size=5000), ValueError, "batch_size must be in"),
+    ("missing-data-root", dict(dataset="mnist", data_root="/nonexistent/data"), DatasetNotFoundError, "--download"),
+    ("empty-data-root", dict(dataset="fashion_mnist", data_root="EMPTY"), DatasetNotFoundError, "FashionMNIST/raw"),
+]
+CHECKPOINT_CASES = [
+    ("truncated", _truncated, "not a readable l2t-gym checkpoint"),
+    ("random-bytes", _random_bytes, "not a readable l2t-gym checkpoint"),
+    ("wrong-version", _edited(lambda c: c.update(format_version=0)), "format version 0"),
+    ("not-ours", _edited(lambda c: c.pop("format")), "not an l2t-gym teacher checkpoint"),
+    ("unknown-agent", _edited(lambda c: c.update(agent="oracle")), "unknown agent 'oracle'"),
+    ("obs-spec-mismatch", _edited(lambda c: c["obs_spec"].update(samples=["loss"])), "samples"),
+    ("state-mismatch", _edited(lambda c: c["state"]["net"].pop("out.bias")), "does not fit agent"),
+    ("code-execution", _evil, "not a readable l2t-gym checkpoint"),
+]
+CLI_CASES = [
+    ("cli-unknown-agent", ["--agent", "oracle"], "invalid choice: 'oracle'"),
+    ("cli-noise-rate", ["--noise-rate", "1"], "--noise-rate must be in [0, 1)"),
+    ("cli-negative-steps", ["--steps", "-5"], "--steps must be >= 1"),
+    ("cli-bad-int", ["--unroll", "two"], "invalid int value: 'two'"),
+    ("cli-bad-device", ["--device", "tpu"], "invalid choice: 'tpu'"),
+    ("cli-config-unreadable", ["--config", "BROKEN_YAML"], "cannot read --config"),
+    ("cli-config-unknown-key", ["--config", "UNKNOWN_KEY_YAML"], "unknown keys: optimiser"),
+    ("cli-config-missing", ["--config", "/nonexistent.yaml"], "cannot read --config"),
+    ("cli-out-is-a-file", ["--out", "A_FILE"], "is not a folder"),
+    ("cli-resume-nothing", ["--resume", "--out", "EMPTY"], "--resume needs a checkpoint"),
+    ("cli-resume-other-agent", ["--resume", "--agent", "mwnet", "--out", "RUN"], "holds a 'meta_grad' teacher"),
+    ("cli-overwrite-run", ["--out", "RUN"], "already holds a run"),
+    ("cli-evaluate-unknown-agent", ["EVALUATE", "--agents", "oracle"], "unknown agent 'oracle'"),
+    ("cli-evaluate-missing-teacher", ["EVALUATE", "--teachers", "/nonexistent/run"], "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "run"
+    _train(run, "--agent", "meta_grad", "--steps", "40")
+    return run
+
+
+@pytest.mark.parametrize("name,act,error,message", ENV_CASES, ids=[c[0] for c in ENV_CASES])
+def test_bad_actions(name, act, error, message):
+    env = make_env()
+    env.reset(seed=0)
+    before = [p.detach().clone() for p in env.unwrapped.params.values()]
+    with pytest.raises(error, match=None) as info:
+        act(env.unwrapped)
+    assert message in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, env.unwrapped.params.values())), "the student was touched"
+
+
+@pytest.mark.parametrize("name,kwargs,error,message", CONSTRUCTION_CASES, ids=[c[0] for c in CONSTRUCTION_CASES])
+def test_bad_env_configuration(tmp_path, name, kwargs, error, message):
+    if kwargs.get("data_root") == "EMPTY":
+        kwargs = {**kwargs, "data_root": str(tmp_path)}
+    with pytest.raises(error) as info:
+        make_env(**kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name,make,message", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_bad_checkpoints(tmp_path, trained_run, name, make, message):
+    digest = _folder_digest(trained_run)
+    path = make(trained_run, tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        load_teacher(path, env=make_env())
+    assert message in str(info.value)
+    assert not Path("evil-ran").exists()
+    assert _folder_digest(trained_run) == digest
+
+
+@pytest.mark.parametrize("name,argv,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_command_lines(tmp_path, capsys, trained_run, name, argv, message):
+    files = {
+        "BROKEN_YAML": ("broken.yaml", "agent: [meta_grad\n"), "UNKNOWN_KEY_YAML": ("unknown.yaml", "optimiser: adam\n"),
+        "A_FILE": ("a_file", "not a folder"),
+    }  # fmt: skip
+    resolved = []
+    for arg in argv:
+        if arg in files:
+            (tmp_path / files[arg][0]).write_text(files[arg][1])
+            arg = str(tmp_path / files[arg][0])
+        resolved.append({"EMPTY": str(tmp_path / "empty"), "RUN": str(trained_run)}.get(arg, arg))
+    digest = _folder_digest(trained_run)
+    with pytest.raises(SystemExit) as info:
+        if resolved[0] == "EVALUATE":
+            evaluate.main(["--out", str(tmp_path / "report"), *resolved[1:]])
+        else:
+            train_teacher.main(
+                [*TINY, "--steps", "40", *(["--out", str(tmp_path / "new")] if "--out" not in resolved else []), *resolved]
+            )
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err, err
+    assert _folder_digest(trained_run) == digest, "an existing run folder was modified"
+
+
+def test_the_table_covers_at_least_25_bad_inputs():
+    assert len(ENV_CASES) + len(CONSTRUCTION_CASES) + len(CHECKPOINT_CASES) + len(CLI_CASES) >= 25
