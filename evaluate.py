@@ -34,9 +34,8 @@ from tqdm import tqdm
 from agents.base import AGENTS, CheckpointError, Teacher, load_teacher, make_agent
 from agents.diagnostics import auroc
 from envs import env_factory
-from runconfig import field, parse_config, yaml_value
+from runconfig import StudentTraining, field, parse_config, yaml_value
 from students.data import DATASETS, DatasetNotFoundError, check_name
-from students.functional import LR_SCHEDULES
 from students.models import STUDENTS
 from students.noise import NOISE_TYPES
 
@@ -46,7 +45,7 @@ GRID_KEYS = ("dataset", "student", "noise", "noise_rate")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(StudentTraining):
     """A benchmark: which teachers, on which settings, over how many seeds."""
 
     agents: str = field(
@@ -68,14 +67,6 @@ class EvalConfig:
     )
     seeds: int = field(3, "seeds per (setting, agent)")
     steps: int = field(2000, "student updates per run")
-    batch_size: int = field(128, "samples per update")
-    lr: float = field(0.1, "student learning rate")
-    momentum: float = field(0.9, "student momentum")
-    weight_decay: float = field(5e-4, "student weight decay")
-    lr_schedule: str = field("constant", "student learning-rate schedule", choices=list(LR_SCHEDULES))
-    eval_every: int = field(100, "updates between evaluations (the accuracy curves' resolution)")
-    val_size: int = field(1000, "clean validation samples")
-    train_size: int | None = field(None, "keep at most this many training samples")
     thresholds: str = field("0.5,0.6", "validation accuracies for steps-to-threshold, comma-separated")
     workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs")
     threads: int = field(1, "torch threads per job (fixed, so results do not depend on --workers)")
@@ -153,10 +144,15 @@ class Job:
 def env_for(job: Job):
     cfg = job.cfg
     return env_factory(
-        **job.setting, batch_size=cfg.batch_size, horizon=cfg.steps, eval_every=cfg.eval_every, lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, val_size=cfg.val_size, train_size=cfg.train_size,
-        data_root=cfg.data_root, device=cfg.device, seed=job.seed, tensor_obs=True, disable_env_checker=True,
-    )()  # fmt: skip
+        **job.setting,
+        **cfg.student_env_kwargs(),
+        horizon=cfg.steps,
+        data_root=cfg.data_root,
+        device=cfg.device,
+        seed=job.seed,
+        tensor_obs=True,
+        disable_env_checker=True,
+    )()
 
 
 def build_teacher(job: Job, env: Any) -> Teacher:

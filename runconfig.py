@@ -12,10 +12,30 @@ from typing import Any
 
 import yaml
 
+from students.functional import LR_SCHEDULES
+
 
 def field(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a one-line description that becomes its ``--help``."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class StudentTraining:
+    """How every student trains in ``Teaching-v0``; shared by train_teacher.py and evaluate.py."""
+
+    batch_size: int = field(128, "samples per student update")
+    lr: float = field(0.1, "student learning rate")
+    momentum: float = field(0.9, "student SGD momentum")
+    weight_decay: float = field(5e-4, "student L2 weight decay")
+    lr_schedule: str = field("constant", "student learning-rate schedule", choices=list(LR_SCHEDULES))
+    eval_every: int = field(100, "updates between validation/test evaluations")
+    val_size: int = field(1000, "clean validation samples carved from the training set")
+    train_size: int | None = field(None, "keep at most this many training samples")
+
+    def student_env_kwargs(self) -> dict[str, Any]:
+        """These fields as keyword arguments of ``Teaching-v0``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(StudentTraining)}
 
 
 def yaml_value(text: str) -> Any:

@@ -29,9 +29,8 @@ from agents.base import AGENTS, CheckpointError, Teacher, make_agent, read_check
 from agents.diagnostics import auroc
 from envs import env_factory
 from envs.rewards import REWARDS
-from runconfig import field, parse_config, to_yaml, yaml_value
+from runconfig import StudentTraining, field, parse_config, to_yaml, yaml_value
 from students.data import DATASETS, load_dataset
-from students.functional import LR_SCHEDULES
 from students.models import STUDENTS
 from students.noise import NOISE_TYPES
 
@@ -41,7 +40,7 @@ RL_DEFAULT_HORIZON = 200
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(StudentTraining):
     """Everything a teacher-training run depends on."""
 
     agent: str = field("meta_grad", "teacher to train", choices=list(AGENTS))
@@ -58,14 +57,6 @@ class TrainConfig:
         None, f"updates per student episode (default: --steps for online teachers, {200} for RL teachers)"
     )
     n_envs: int = field(1, "RL teachers: student episodes run in parallel processes")
-    batch_size: int = field(128, "samples per student update")
-    lr: float = field(0.1, "student learning rate")
-    momentum: float = field(0.9, "student SGD momentum")
-    weight_decay: float = field(5e-4, "student L2 weight decay")
-    lr_schedule: str = field("constant", "student learning-rate schedule", choices=list(LR_SCHEDULES))
-    eval_every: int = field(100, "updates between validation/test evaluations")
-    val_size: int = field(1000, "clean validation samples carved from the training set")
-    train_size: int | None = field(None, "keep at most this many training samples")
     reward: str = field("accuracy", "env reward (RL teachers learn from it)", choices=list(REWARDS))
     threshold: float = field(0.6, "validation accuracy for the threshold reward")
     unroll: int = field(1, "meta_grad: real student updates B the meta-gradient goes through")
@@ -106,10 +97,9 @@ class TrainConfig:
 def env_kwargs(cfg: Any, horizon: int) -> dict[str, Any]:
     """Keyword arguments of ``Teaching-v0`` taken from a run config."""
     return dict(
-        dataset=cfg.dataset, student=cfg.student, student_kwargs=cfg.student_kwargs, noise=cfg.noise, noise_rate=cfg.noise_rate, batch_size=cfg.batch_size,
-        horizon=horizon, reward=cfg.reward, threshold=cfg.threshold, eval_every=cfg.eval_every, lr=cfg.lr,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, val_size=cfg.val_size,
-        train_size=cfg.train_size, data_root=cfg.data_root, download=cfg.download, device=cfg.device, seed=cfg.seed,
+        **cfg.student_env_kwargs(), dataset=cfg.dataset, student=cfg.student, student_kwargs=cfg.student_kwargs,
+        noise=cfg.noise, noise_rate=cfg.noise_rate, horizon=horizon, reward=cfg.reward, threshold=cfg.threshold,
+        data_root=cfg.data_root, download=cfg.download, device=cfg.device, seed=cfg.seed,
     )  # fmt: skip
 
 

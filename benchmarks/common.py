@@ -60,6 +60,28 @@ def interleaved(candidates: dict[str, Callable[[], object]], calls: int, rounds:
     }
 
 
+def plain_training_step(env, student: str, batch_size: int, device: torch.device) -> Callable[[], None]:
+    """One step of a plain PyTorch loop (module forward, backward, torch.optim.SGD) on the env's
+    data and student architecture: the baseline every ratio is measured against."""
+    from torch.nn import functional as F
+
+    from students.models import make_student
+
+    data, labels = env.unwrapped.data, env.unwrapped.noisy_labels
+    model = make_student(student, data.input_shape, data.num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randint(0, len(data.train), (batch_size,), generator=generator).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(data.train.x[idx])
+        F.cross_entropy(logits, labels[idx]).backward()
+        optimizer.step()
+
+    return step
+
+
 def save(name: str, payload: dict) -> Path:
     """Write ``payload`` to benchmarks/results/<name>-<device>-<date>.json and return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

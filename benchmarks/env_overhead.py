@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import DATA_ROOT, interleaved, machine, save  # noqa: E402
+from benchmarks.common import DATA_ROOT, interleaved, machine, plain_training_step, save  # noqa: E402
 from envs import env_factory  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
-from students.models import make_student  # noqa: E402
 
 
 def measure(dataset: str, student: str, batch_size: int, device: torch.device, calls: int, rounds: int) -> dict:
@@ -30,19 +28,7 @@ def measure(dataset: str, student: str, batch_size: int, device: torch.device, c
     env_tensor.reset(seed=0)
     env_numpy.reset(seed=0)
     ones = torch.ones(batch_size, device=device)
-    data = env_tensor.unwrapped.data
-    labels = env_tensor.unwrapped.noisy_labels
-    model = make_student(student, data.input_shape, data.num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(0)
-
-    def plain_step() -> None:
-        idx = torch.randint(0, len(data.train), (batch_size,), generator=generator).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        logits, _ = model(data.train.x[idx])
-        F.cross_entropy(logits, labels[idx]).backward()
-        optimizer.step()
-
+    plain_step = plain_training_step(env_tensor, student, batch_size, device)
     timings = interleaved(
         {"plain loop": plain_step, "env (tensor obs)": lambda: env_tensor.step(ones), "env (numpy obs)": lambda: env_numpy.step(ones.cpu().numpy())},
         calls, rounds, device,

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import students.data  # noqa: E402
 from agents import make_agent  # noqa: E402
-from benchmarks.common import DATA_ROOT, interleaved, machine, save, sync  # noqa: E402
+from benchmarks.common import DATA_ROOT, interleaved, machine, plain_training_step, save, sync  # noqa: E402
 from envs import env_factory  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
-from students.models import make_student  # noqa: E402
 
 CONFIGS = {
     "mlp/mnist1d": dict(dataset="mnist1d", student="mlp"),
@@ -77,23 +75,6 @@ def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, devic
     return step
 
 
-def plain_step(config: dict, batch_size: int, device: torch.device):
-    env, _ = make_env(config, batch_size, device)
-    data, labels = env.unwrapped.data, env.unwrapped.noisy_labels
-    model = make_student(config["student"], data.input_shape, data.num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        idx = torch.randint(0, len(data.train), (batch_size,), generator=generator).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        logits, _ = model(data.train.x[idx])
-        F.cross_entropy(logits, labels[idx]).backward()
-        optimizer.step()
-
-    return step
-
-
 def peak_memory(step, calls: int, device: torch.device) -> float | None:
     """Peak GPU memory (MiB) over ``calls`` steps; None on the CPU."""
     if device.type != "cuda":
@@ -108,7 +89,9 @@ def peak_memory(step, calls: int, device: torch.device) -> float | None:
 
 def measure(name: str, batch_size: int, device: torch.device, calls: int, rounds: int) -> dict:
     config = CONFIGS[name]
-    candidates = {"plain step": plain_step(config, batch_size, device)}
+    candidates = {
+        "plain step": plain_training_step(make_env(config, batch_size, device)[0], config["student"], batch_size, device)
+    }
     env_ones = make_env(config, batch_size, device)[0]
     ones = torch.ones(batch_size, device=device)
     candidates["env step (uniform)"] = lambda: env_ones.step(ones)
