@@ -8,11 +8,13 @@ after those updates with respect to its own parameters, through the updates them
 SGD and weight decay as the env applied them), then an Adam step. The observation features are
 inputs, not differentiated through (as in Meta-Weight-Net).
 
-B = 1 needs no double backward: with theta' = update(theta, w), dL_val/dw_i is a linear function
-of the inner products <grad L_val(theta'), grad l_i(theta)> (see ``weight_gradient``), and those n
-inner products are one forward-mode JVP of the per-sample losses along grad L_val(theta'). B > 1 replays the B updates
-with ``create_graph=True`` and back-propagates (method ``backward``; also available for B = 1 as the
-reference the JVP path is tested against).
+B = 1 needs no double backward (method ``jvp``): with theta' = update(theta, w), dL_val/dw_i is a
+linear function of the inner products <grad L_val(theta'), grad l_i(theta)> (see
+``weight_gradient``), and those n inner products are one forward-mode JVP of the per-sample losses
+along grad L_val(theta'). B > 1 (method ``graph``) hands the env weights that carry their graph, so
+the real updates are built differentiably (``create_graph``) and the validation loss back-propagates
+through them directly; ``replay`` instead recomputes the B updates from their recorded starting
+points (the straightforward reference both fast paths are tested against).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from students.functional import WEIGHT_SUM_EPS, Params, sgd_update
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 FEATURE_SETS = ("all", "surface", "loss")
-METHODS = ("auto", "jvp", "backward")
+METHODS = ("auto", "jvp", "graph", "replay")
 
 
 def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
@@ -110,7 +112,9 @@ class MetaGradTeacher(Teacher):
         if unroll < 1:
             raise ValueError(f"unroll (B) must be >= 1, got {unroll}")
         if method == "jvp" and unroll != 1:
-            raise ValueError("method 'jvp' computes the one-step (B = 1) meta-gradient; use 'backward' or 'auto' for unroll > 1")
+            raise ValueError(
+                "method 'jvp' computes the one-step (B = 1) meta-gradient; use 'graph', 'replay' or 'auto' for unroll > 1"
+            )
         if not 0 < init_weight < 1:
             raise ValueError(f"init_weight must be in (0, 1), got {init_weight}")
         super().__init__(
@@ -129,7 +133,7 @@ class MetaGradTeacher(Teacher):
     @property
     def method(self) -> str:
         chosen = self.hp["method"]
-        return ("jvp" if self.hp["unroll"] == 1 else "backward") if chosen == "auto" else chosen
+        return ("jvp" if self.hp["unroll"] == 1 else "graph") if chosen == "auto" else chosen
 
     def to(self, device: torch.device | str) -> MetaGradTeacher:
         self.device = torch.device(device)
@@ -147,7 +151,7 @@ class MetaGradTeacher(Teacher):
             with torch.no_grad():
                 return self.weights(obs)
         self._pending = self.weights(obs)
-        return self._pending.detach()
+        return self._pending if self.method == "graph" else self._pending.detach()
 
     # ------------------------------------------------------------------ learning
     def observe(self, env: Any, reward: float, done: bool, info: dict) -> dict[str, float]:
@@ -157,6 +161,8 @@ class MetaGradTeacher(Teacher):
         weights, self._pending = self._pending, None
         if info.get("diverged"):
             self._window.clear()
+            if env.unwrapped.student is not None:
+                env.unwrapped.detach_student()
             return {}
         self._window.append((env.unwrapped.last_transition, weights))
         if len(self._window) < self.hp["unroll"] and not done:
@@ -165,25 +171,36 @@ class MetaGradTeacher(Teacher):
 
     def meta_step(self, env: Any) -> dict[str, float]:
         """One Adam step on the teacher from the queued updates; returns the validation loss."""
+        val_loss, grads = self.meta_gradient(env)
+        if not all(torch.isfinite(g).all() for g in grads):
+            return {"meta_loss": val_loss.item(), "meta_skipped": 1.0}  # a diverging student gives no usable signal
+        for p, g in zip(self.net.parameters(), grads):
+            p.grad = g
+        self.optimizer.step()
+        return {"meta_loss": val_loss.item(), "meta_skipped": 0.0}
+
+    def meta_gradient(self, env: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(L_val after the queued updates, its gradient with respect to the teacher's parameters);
+        empties the queue (and, for ``graph``, cuts the student's autograd history)."""
         transitions, weights = zip(*self._window)
         self._window.clear()
         val_indices = env.val_indices(self.hp["val_batch"])
-        self.optimizer.zero_grad(set_to_none=True)
+        params = list(self.net.parameters())
         if self.method == "jvp" and len(transitions) == 1:
             last = transitions[0]
             val_loss, weight_grad = weight_gradient(
                 env, last.params, env.params, last.indices, last.lr, val_indices, weights[0].detach()
             )
-            weights[0].backward(weight_grad)
+            grads = torch.autograd.grad(weights[0], params, grad_outputs=weight_grad, allow_unused=True)
+        elif self.method == "graph":
+            val_loss = env.val_loss(env.params, val_indices)
+            grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+            env.detach_student()
         else:
             val_loss = unrolled_val_loss(env, transitions, weights, val_indices)
-            val_loss.backward()
-            val_loss = val_loss.detach()
-        if not all(torch.isfinite(p.grad).all() for p in self.net.parameters() if p.grad is not None):
-            self.optimizer.zero_grad(set_to_none=True)  # a diverging student gives no usable signal
-            return {"meta_loss": val_loss.item(), "meta_skipped": 1.0}
-        self.optimizer.step()
-        return {"meta_loss": val_loss.item(), "meta_skipped": 0.0}
+            grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return val_loss.detach(), grads
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

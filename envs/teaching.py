@@ -54,6 +54,9 @@ class TeachingEnv(gym.Env):
     ``Box(0, 1, (batch_size,), float32)``: one weight per sample of the current batch, in the
     order of the observation's rows. Weights of 1 reproduce plain training. An action of the wrong
     shape, with NaN or inf, or outside [0, 1] raises ``ValueError`` before anything changes.
+    A torch action that requires grad makes the update a differentiable function of it (the new
+    parameters keep the graph), so a teacher can back-propagate through real updates; it then calls
+    ``detach_student()`` to cut that history.
 
     ## Observation Space
     ``Dict`` of float32 arrays whose shapes do not depend on the student:
@@ -90,7 +93,7 @@ class TeachingEnv(gym.Env):
 
     ## Differentiable access (beyond the Gym API)
     ``params``, ``buffers``, ``momentum``, ``batch_indices``, ``last_transition``, ``sgd``,
-    ``lr_now``, ``per_sample_losses``, ``replay_update``, ``val_indices`` and ``val_loss`` let a
+    ``lr_now``, ``per_sample_losses``, ``replay_update``, ``detach_student``, ``val_indices`` and ``val_loss`` let a
     meta-gradient teacher compute the validation loss after student updates as a differentiable
     function of the weights it proposed.
 
@@ -201,15 +204,21 @@ class TeachingEnv(gym.Env):
         if self.t >= self.horizon or self._has_diverged:
             raise RuntimeError("TeachingEnv.step() called after the episode ended; call env.reset() first")
         weights = self._check_action(action)
+        differentiable = isinstance(action, torch.Tensor) and action.requires_grad
+        if differentiable:  # keep the action's graph: the update becomes a differentiable function of it
+            weights = action.to(self.device, self.dtype)
         loss = FunctionalStudent.weighted_loss(self._losses, weights)
         if not torch.isfinite(loss):
             return self._diverge()
-        grads = dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()))))
+        grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
         lr = self.lr_now
         self.last_transition = Transition(self.params, self.momentum, self.batch_indices, lr)
-        with torch.no_grad():
-            params, self.momentum = sgd_update(self.params, self.momentum, grads, lr, self.sgd)
-        self.params = {n: p.requires_grad_() for n, p in params.items()}
+        if differentiable:
+            self.params, self.momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), lr, self.sgd)
+        else:
+            with torch.no_grad():
+                params, self.momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), lr, self.sgd)
+            self.params = {n: p.requires_grad_() for n, p in params.items()}
         self.t += 1
         reward, terminated, evaluation = 0.0, self.t >= self.horizon, {}
         if self.t % self.eval_every == 0 or terminated:
@@ -350,6 +359,15 @@ class TeachingEnv(gym.Env):
     def batch_labels(self) -> torch.Tensor:
         """Given (possibly corrupted) labels of the observed batch."""
         return self.noisy_labels[self.batch_indices]
+
+    def detach_student(self) -> None:
+        """Cut the autograd history that differentiable steps left on the student's state (after a
+        teacher back-propagated through them); the current batch's losses are recomputed from the
+        detached parameters (BatchNorm statistics untouched)."""
+        self.params = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+        self.momentum = {n: m.detach() for n, m in self.momentum.items()}
+        if self._losses is not None:
+            self._losses = self.per_sample_losses(self.params, self.batch_indices)
 
     def per_sample_losses(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
         """Training losses of the samples ``indices`` under ``params`` (train mode, so BatchNorm uses
