@@ -44,12 +44,11 @@ class CheckpointError(ValueError):
 class Teacher:
     """Base class of all teachers. Subclasses set ``name`` and implement ``act``.
 
-    ``learned`` teachers keep tensors (``state_dict``) that ``save`` writes; ``online`` teachers
-    update themselves in ``observe`` after each env step while ``training`` is True.
+    Learned teachers keep tensors (``state_dict``) that ``save`` writes; online learners update
+    themselves in ``observe`` after each env step while ``training`` is True.
     """
 
     name: ClassVar[str] = ""
-    learned: ClassVar[bool] = False
 
     def __init__(self, **config: Any):
         self.config = config

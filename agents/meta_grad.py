@@ -89,7 +89,6 @@ class MetaGradTeacher(Teacher):
     the last ``unroll`` real student updates."""
 
     name = "meta_grad"
-    learned = True
 
     def __init__(
         self,

@@ -63,7 +63,6 @@ class ReinforceTeacher(Teacher):
     """L2T: Bernoulli keep/drop per sample from a shared policy, trained by REINFORCE with a baseline."""
 
     name = "reinforce"
-    learned = True
 
     def __init__(
         self,

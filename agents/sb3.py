@@ -107,7 +107,6 @@ class SB3Teacher(Teacher):
     """A stable-baselines3 on-policy algorithm with the per-sample policy."""
 
     name = "sb3"
-    learned = True
     needs_batch_size = True  # the policy's action and value heads are tied to the batch it was built for
     algorithm = "PPO"
 

@@ -355,11 +355,6 @@ class TeachingEnv(gym.Env):
         """Learning rate of the next update."""
         return self.sgd.lr_at(self.t, self.horizon)
 
-    @property
-    def batch_labels(self) -> torch.Tensor:
-        """Given (possibly corrupted) labels of the observed batch."""
-        return self.noisy_labels[self.batch_indices]
-
     def detach_student(self) -> None:
         """Cut the autograd history that differentiable steps left on the student's state (after a
         teacher back-propagated through them); the current batch's losses are recomputed from the
