@@ -167,10 +167,10 @@ def observation_box(table: tuple, rows: int | None):
     return spaces.Box(low, high, dtype=np.float32)
 
 
-def clip_to_bounds(values: torch.Tensor, table: tuple) -> torch.Tensor:
-    """Clip the last dimension of ``values`` to the table's bounds; NaN (a feature of a degenerate
-    student, e.g. all-zero hidden states) becomes 0."""
-    low, high = (torch.as_tensor(b, device=values.device) for b in feature_bounds(table))
+def clip_to_bounds(values: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Clip the last dimension of ``values`` to ``bounds`` = (low, high) tensors of a feature table;
+    NaN (a feature of a degenerate student, e.g. all-zero hidden states) becomes 0."""
+    low, high = bounds
     return torch.minimum(torch.maximum(torch.nan_to_num(values, nan=0.0), low), high)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from envs.observation import FEATURE_TABLES, ObservationBuilder, clip_to_bounds, observation_box
+from envs.observation import FEATURE_TABLES, ObservationBuilder, clip_to_bounds, feature_bounds, observation_box
 from envs.rewards import make_reward
 from students.data import BatchSampler, load_dataset
 from students.functional import LR_SCHEDULES, FunctionalStudent, Params, SGDConfig, sgd_update
@@ -170,6 +170,9 @@ class TeachingEnv(gym.Env):
         self.observation_space = spaces.Dict(
             {key: observation_box(table, None if key == "global" else batch_size) for key, table in FEATURE_TABLES.items()}
         )
+        self._bounds = {
+            k: tuple(torch.as_tensor(b, device=self.device) for b in feature_bounds(t)) for k, t in FEATURE_TABLES.items()
+        }
         self._val_generator = torch.Generator().manual_seed(seed + 1)
         self._seeded = False
         self.student: FunctionalStudent | None = None
@@ -272,16 +275,24 @@ class TeachingEnv(gym.Env):
             "samples": self.features.samples(detached, y, self.batch_indices),
             "internal": self.features.internal(list(hidden.values()), y),
         }
-        self._last_obs = {key: clip_to_bounds(value, FEATURE_TABLES[key]) for key, value in raw.items()}
+        self._last_obs = {key: clip_to_bounds(value, self._bounds[key]) for key, value in raw.items()}
         return self._convert(self._last_obs)
 
     def _global_features(self) -> torch.Tensor:
+        """The ``global`` entry, in GLOBAL_FEATURES' order; the running train statistics stay on the device."""
         epochs_seen = math.log1p(self.t / self.sampler.batches_per_epoch)
-        values = [
-            self.t / self.horizon, self.lr_now / self.sgd.lr, self.features.train_loss, self.features.train_acc,
-            self.val_loss_last, self.val_acc_last, self.best_val_acc, epochs_seen,
-        ]  # fmt: skip
-        return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in values])
+        host = torch.tensor(
+            [
+                self.t / self.horizon,
+                self.lr_now / self.sgd.lr,
+                self.val_loss_last,
+                self.val_acc_last,
+                self.best_val_acc,
+                epochs_seen,
+            ]
+        ).to(self.device)
+        running = torch.stack([self.features.train_loss, self.features.train_acc]).float()
+        return torch.cat([host[:2], running, host[2:]])
 
     def _zero_obs(self) -> dict[str, torch.Tensor]:
         """The terminal observation: each feature at its lowest value (in the space, and finite)."""
