@@ -319,6 +319,24 @@ class TeachingEnv(gym.Env):
         return info
 
     # ----------------------------------------------------------------------------- checkpointing
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without autograd history; the current batch's losses are recomputed on unpickling."""
+        state = self.__dict__.copy()
+        if self.student is not None:
+            state["params"] = {n: p.detach() for n, p in self.params.items()}
+            state["momentum"] = {n: m.detach() for n, m in self.momentum.items()}
+        state["_losses"], state["last_transition"] = None, None
+        state["_mid_episode"] = self.__dict__.get("_losses") is not None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        mid_episode = state.pop("_mid_episode")
+        self.__dict__.update(state)
+        if self.student is not None:
+            self.params = {n: p.requires_grad_() for n, p in self.params.items()}
+        if mid_episode:
+            self._losses = self.per_sample_losses(self.params, self.batch_indices)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything an episode in progress depends on, as tensors and plain values (CPU), so that a
         run restored with ``load_state_dict`` continues exactly as if never interrupted."""
