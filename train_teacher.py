@@ -219,7 +219,13 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         bar.update(1)
         if "val_acc" in info:
             last_eval = {f"student/{k}": info[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")}
-            record = {**last_eval, "student/train_loss": float(env.unwrapped.features.train_loss), "episode": episode}
+            running = env.unwrapped.features
+            record = {
+                **last_eval,
+                "student/train_loss": float(running.train_loss),
+                "student/train_acc": float(running.train_acc),
+                "episode": episode,
+            }
             record.update(window.flush(log.writer, step))
             log.write(step, record)
             bar.set_postfix(val_acc=f"{info['val_acc']:.3f}", test_acc=f"{info['test_acc']:.3f}")
