@@ -269,8 +269,14 @@ class MetaWeightNetTeacher(MetaGradTeacher):
 
 class ReweightTeacher(Teacher):
     """Learning to Reweight (Ren et al. 2018): no network; each batch's weights come from one
-    meta-gradient step at w = 0: w_i ∝ max(0, -dL_val/dw_i). They are normalised to a largest weight
-    of 1 (the action box), which keeps Ren et al.'s relative weights."""
+    meta-gradient step at eps = 0 of the loss sum_i eps_i l_i: w_i ∝ max(0, <grad L_val, grad l_i>).
+    The env normalises weights by their sum, as Ren et al.; the action scales them to a largest
+    weight of 1 (the action box), which keeps their ratios.
+
+    Its steps rest on the few samples best aligned with the validation batch (an effective batch of
+    ~30 of 128), so it wants a smaller student learning rate: at lr 0.1 with momentum 0.9 its MLP
+    students on MNIST and mnist1d collapse to chance, at lr 0.02 they train normally (measured).
+    """
 
     name = "l2rw"
 
