@@ -259,7 +259,6 @@ def run_rl(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     log = RunLog(run_dir, cfg, done_steps)
     bar = tqdm(total=cfg.steps, initial=done_steps, disable=not cfg.progress, desc=f"{cfg.agent} on {cfg.dataset}", unit="step")
     start = time.perf_counter()
-    per_round = horizon * cfg.n_envs
     last_saved = [done_steps]
 
     def report(step: int, record: dict[str, Any]) -> None:
@@ -272,13 +271,19 @@ def run_rl(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             last_saved[0] = step
 
     if cfg.agent == "reinforce":
+        steps_taken = [done_steps]
 
-        def after_round(rounds: int, stats: dict[str, Any]) -> None:
+        def after_round(rounds: int, stats: dict[str, Any]) -> bool:
+            """Log the round; stop once the student updates actually taken reach ``cfg.steps``
+            (episodes that reach the threshold end early, so rounds differ in length)."""
+            steps_taken[0] += int(round(stats["episode_steps"] * cfg.n_envs))
             record = {f"teacher/{k}": v for k, v in stats.items() if k not in ("val_acc", "test_acc")}
             record.update({f"student/{k}": stats[k] for k in ("val_acc", "test_acc") if k in stats})
-            report(rounds * per_round, {**record, "episode": rounds * cfg.n_envs})
+            report(min(steps_taken[0], cfg.steps), {**record, "episode": rounds * cfg.n_envs})
+            return steps_taken[0] < cfg.steps
 
-        teacher.learn(make_env, rounds=math.ceil(cfg.steps / per_round), n_envs=cfg.n_envs, seed=cfg.seed, callback=after_round)
+        # every round takes at least one update per env, so cfg.steps rounds is an upper bound
+        teacher.learn(make_env, rounds=cfg.steps, n_envs=cfg.n_envs, seed=cfg.seed, callback=after_round)
     else:
         from agents.sb3 import ProgressCallback
 
