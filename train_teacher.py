@@ -91,7 +91,16 @@ class TrainConfig(StudentTraining):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.agent}-{self.dataset}-{self.student}-s{self.seed}")
+        """``--out``, or ``runs/<agent>-<dataset>-<student>-s<seed>`` numbered -2, -3, ... so that a
+        new run never lands in an old one (with ``--resume``: the latest such folder)."""
+        if self.out:
+            return Path(self.out)
+        base = Path(f"runs/{self.agent}-{self.dataset}-{self.student}-s{self.seed}")
+        candidates = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 10_000)]
+        used = [c for c in candidates if (c / "teacher.pt").exists() or (c / "config.yaml").exists()]
+        if self.resume:
+            return used[-1] if used else base
+        return next(c for c in candidates if c not in used)
 
 
 def env_kwargs(cfg: Any, horizon: int) -> dict[str, Any]:

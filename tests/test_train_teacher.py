@@ -166,3 +166,14 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     import os
 
     assert "L2T_PWNED" not in os.environ
+
+
+def test_default_run_folders_are_numbered_instead_of_overwritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [*TINY_ARGS, "--agent", "uniform", "--steps", "20"]
+    for _ in range(2):
+        train_teacher.main(argv)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["uniform-digits-mlp-s0", "uniform-digits-mlp-s0-2"]
+    assert (
+        train_teacher.parse_config(train_teacher.TrainConfig, [*argv, "--resume"], "").run_dir.name == "uniform-digits-mlp-s0-2"
+    )
