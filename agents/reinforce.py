@@ -104,9 +104,10 @@ class ReinforceTeacher(Teacher):
         return self.policy(teacher_inputs(as_tensor_obs(obs, self.device), self.config["features"]))
 
     def act(self, obs: dict) -> torch.Tensor:
-        """Frozen teacher: keep the samples whose keep probability is at least 1/2."""
+        """Frozen teacher: the policy's mean action, each sample's keep probability, as its weight
+        (under the env's weighted mean this is the expected update of sampled keep/drop decisions)."""
         with torch.no_grad():
-            return (self.logits(obs) >= 0).float()
+            return torch.sigmoid(self.logits(obs))
 
     def sample(self, obs: dict) -> torch.Tensor:
         """Training-time actions: Bernoulli draws from the policy (seeded generator)."""
