@@ -56,6 +56,7 @@ def test_same_seed_same_metrics_and_checkpoint(tmp_path, agent):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f"{agent}: {key} differs"
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
     args = [sys.executable, str(ROOT / "train_teacher.py"), "--agent", "meta_grad", "--steps", "200", *TINY]
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True, cwd=ROOT)
