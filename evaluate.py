@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from scipy import stats as scipy_stats
@@ -141,7 +142,8 @@ class Job:
     cfg: EvalConfig
 
 
-def env_for(job: Job):
+def env_for(job: Job) -> gym.Env:
+    """A fresh ``Teaching-v0`` for the job's setting and seed (tensor observations, in-process)."""
     cfg = job.cfg
     return env_factory(
         **job.setting,
@@ -211,6 +213,7 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def describe_training(teacher: Teacher) -> str:
+    """``dataset/student/noise<rate>`` of the env a loaded teacher was trained on."""
     env = teacher.trained_env or {}
     return f"{env.get('dataset', '?')}/{env.get('student', '?')}/{env.get('noise', '?')}{env.get('noise_rate', '')}"
 
@@ -268,6 +271,7 @@ def aggregate(rows: list[dict[str, Any]], thresholds: list[float]) -> list[dict[
 
 # ------------------------------------------------------------------------------------------ outputs
 def fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std [±CI]`` of a ``summarise`` result, for the report's tables."""
     if stat["n"] == 0:
         return "-"
     text = f"{scale * stat['mean']:.{digits}f}"
@@ -277,6 +281,7 @@ def fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def write_report(out: Path, cfg: EvalConfig, table: list[dict[str, Any]]) -> None:
+    """report.md: the settings, one table per setting sorted by test accuracy, the transfer pairs."""
     thresholds = cfg.threshold_values
     lines = ["# Teacher benchmark", "", "## Settings", ""]
     skip = {"agents", "teachers", "out", "progress", "workers"}
@@ -327,6 +332,7 @@ def write_report(out: Path, cfg: EvalConfig, table: list[dict[str, Any]]) -> Non
 
 
 def write_tables(out: Path, cfg: EvalConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> None:
+    """results.csv and results.json: one row per run with every setting (and the aggregates in JSON)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
     full_rows = [{**{f"cfg_{k}": v for k, v in settings.items() if k not in GRID_KEYS}, **r} for r in rows]
     with (out / "results.csv").open("w", newline="") as f:
@@ -339,10 +345,12 @@ def write_tables(out: Path, cfg: EvalConfig, rows: list[dict[str, Any]], table: 
 
 
 def setting_label(row: dict[str, Any]) -> str:
+    """A short name of a run's setting, for plot titles."""
     return f"{row['dataset']}/{row['student']}/{row['noise']} {row['noise_rate']}"
 
 
 def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
+    """curves.png (test accuracy over steps, one panel per setting) and weights.png (clean vs corrupted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,6 +394,7 @@ def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 def make_jobs(cfg: EvalConfig) -> list[Job]:
+    """Every (setting, seed, agent or loaded teacher) job of the benchmark, in a fixed order."""
     jobs = []
     for setting in settings_grid(cfg):
         for seed in range(cfg.seeds):
@@ -400,6 +409,7 @@ def make_jobs(cfg: EvalConfig) -> list[Job]:
 
 
 def load_name(path: str) -> str:
+    """The agent name stored in a checkpoint (for labelling loaded teachers)."""
     from agents.base import read_checkpoint
 
     return read_checkpoint(path)["agent"]
@@ -439,6 +449,7 @@ def run_all(jobs: list[Job], workers: int, progress: bool) -> list[dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Parse, check everything that can fail before training, run the jobs, write the outputs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["--config" if a == "--suite" else a for a in argv]  # a suite is a config file with a grid
     cfg = parse_config(EvalConfig, argv, __doc__.splitlines()[0] + " (--suite FILE.yaml: a --config file with a grid)")

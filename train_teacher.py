@@ -345,6 +345,7 @@ def summarise(run_dir: Path, seconds: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the config, prepare the run folder, train, and print and save the summary."""
     cfg = parse_config(TrainConfig, argv, __doc__.splitlines()[0])
     run_dir = cfg.run_dir
     prepare_run_dir(cfg, run_dir)

@@ -111,6 +111,7 @@ class Teacher:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions recorded in every checkpoint, so a mismatch can be named when it is loaded."""
     import gymnasium
 
     from envs import __version__

@@ -51,6 +51,7 @@ def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
 
 
 def input_size(features: str) -> int:
+    """Width of the rows ``teacher_inputs`` builds for ``features``."""
     sizes = {"loss": 1, "surface": len(SAMPLE_FEATURES) + len(GLOBAL_FEATURES)}
     return sizes.get(features, len(SAMPLE_FEATURES) + len(INTERNAL_FEATURES) + len(GLOBAL_FEATURES))
 

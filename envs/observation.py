@@ -15,9 +15,11 @@ The feature tables below are the specification; the README's tables are generate
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from torch.nn import functional as F
 
 MAX_LOSS = 100.0  # losses are clipped here so that every feature has finite bounds
@@ -157,10 +159,8 @@ def feature_bounds(table: tuple) -> tuple[np.ndarray, np.ndarray]:
 FEATURE_TABLES = {"global": GLOBAL_FEATURES, "samples": SAMPLE_FEATURES, "internal": INTERNAL_FEATURES}
 
 
-def observation_box(table: tuple, rows: int | None):
+def observation_box(table: tuple, rows: int | None) -> spaces.Box:
     """Gymnasium Box of one observation entry: the table's bounds, per row of the batch when ``rows`` is set."""
-    from gymnasium import spaces
-
     low, high = feature_bounds(table)
     if rows is not None:
         low, high = np.tile(low, (rows, 1)), np.tile(high, (rows, 1))
@@ -174,7 +174,7 @@ def clip_to_bounds(values: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tenso
     return torch.minimum(torch.maximum(torch.nan_to_num(values, nan=0.0), low), high)
 
 
-def observation_spec(env) -> dict:
+def observation_spec(env: Any) -> dict:
     """What a teacher trained on ``env`` relies on: the feature names of each entry and the batch size."""
     env = env.unwrapped
     return {
