@@ -54,7 +54,7 @@ class TrainConfig(StudentTraining):
     steps: int = field(3000, "total student updates (across episodes)")
     epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)")
     horizon: int | None = field(
-        None, f"updates per student episode (default: --steps for online teachers, {200} for RL teachers)"
+        None, f"updates per student episode (default: --steps for online teachers, {RL_DEFAULT_HORIZON} for RL teachers)"
     )
     n_envs: int = field(1, "RL teachers: student episodes run in parallel processes")
     reward: str = field("accuracy", "env reward (RL teachers learn from it)", choices=list(REWARDS))
@@ -192,8 +192,9 @@ def checkpoint(teacher: Teacher, env: Any, path: Path, step: int, episode: int) 
     teacher.save(path, env, extra=extra)
 
 
-def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Train an online teacher (or run a fixed one) jointly with students, ``cfg.steps`` updates."""
+def run_online(cfg: TrainConfig, run_dir: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Train an online teacher (or run a fixed one) jointly with students, ``cfg.steps`` updates,
+    continuing from the checkpoint ``saved`` when resuming."""
     horizon = cfg.horizon or cfg.steps
     env = gym.make("Teaching-v0", **env_kwargs(cfg, horizon), tensor_obs=True, disable_env_checker=True)
     device = env.unwrapped.device
@@ -205,12 +206,11 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     teacher.train(cfg.agent in ONLINE_AGENTS)
     step, episode = 0, 0
     ckpt_path = run_dir / "teacher.pt"
-    if cfg.resume:
-        saved = read_checkpoint(ckpt_path)
+    if saved is not None:
         teacher.load_state_dict(saved["state"])
         step, episode = saved["extra"]["step"], saved["extra"]["episode"]
     obs, info = env.reset(seed=cfg.seed + episode)
-    if cfg.resume and "env_state" in saved["extra"]:
+    if saved is not None and "env_state" in saved["extra"]:
         obs = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
         info = {"corrupted": env.unwrapped.corrupted[env.unwrapped.batch_indices]}
     log = RunLog(run_dir, cfg, step)
@@ -251,16 +251,16 @@ def run_online(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return summarise(run_dir, time.perf_counter() - start)
 
 
-def run_rl(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+def run_rl(cfg: TrainConfig, run_dir: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
     """Train an RL teacher over many student episodes of ``horizon`` updates (``cfg.steps`` in all),
-    then teach one fresh student with it, frozen, for the summary."""
+    continuing from the checkpoint ``saved`` when resuming, then teach one fresh student with it,
+    frozen, for the summary."""
     horizon = cfg.horizon or min(cfg.steps, RL_DEFAULT_HORIZON)
     make_env = env_factory(**env_kwargs(cfg, horizon))
     teacher = make_agent(cfg.agent, **agent_kwargs(cfg))
     ckpt_path = run_dir / "teacher.pt"
     done_steps = 0
-    if cfg.resume:
-        saved = read_checkpoint(ckpt_path)
+    if saved is not None:
         teacher.trained_on = saved["obs_spec"]
         teacher.load_state_dict(saved["state"])
         done_steps = saved["extra"]["step"]
@@ -348,12 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the config, prepare the run folder, train, and print and save the summary."""
     cfg = parse_config(TrainConfig, argv, __doc__.splitlines()[0])
     run_dir = cfg.run_dir
-    prepare_run_dir(cfg, run_dir)
+    saved = prepare_run_dir(cfg, run_dir)
     torch.manual_seed(cfg.seed)
     try:
         if cfg.epochs is not None:
             cfg.steps = steps_for_epochs(cfg)
-        summary = run_rl(cfg, run_dir) if cfg.agent in RL_AGENTS else run_online(cfg, run_dir)
+        summary = (run_rl if cfg.agent in RL_AGENTS else run_online)(cfg, run_dir, saved)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         fail(str(e))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -376,8 +376,9 @@ def steps_for_epochs(cfg: TrainConfig) -> int:
     return max(1, int(round(cfg.epochs * (len(data.train) // cfg.batch_size))))
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    """Create the run folder (or check it for --resume) and write config.yaml atomically."""
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Create the run folder, or check it and read its checkpoint for --resume (returned), before
+    anything is written; then write config.yaml atomically."""
     if run_dir.exists() and not run_dir.is_dir():
         fail(f"--out {run_dir} exists and is not a folder")
     if cfg.resume:
@@ -389,12 +390,15 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
             fail(str(e))
         if saved["agent"] != cfg.agent:
             fail(f"{run_dir / 'teacher.pt'} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
-    elif (run_dir / "teacher.pt").exists():
-        fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    else:
+        saved = None
+        if (run_dir / "teacher.pt").exists():
+            fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(to_yaml(cfg))
     tmp.replace(run_dir / "config.yaml")
+    return saved
 
 
 if __name__ == "__main__":

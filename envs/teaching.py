@@ -213,15 +213,12 @@ class TeachingEnv(gym.Env):
         loss = FunctionalStudent.weighted_loss(self._losses, weights)
         if not torch.isfinite(loss):
             return self._diverge()
-        grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
+        grads = dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)))
         lr = self.lr_now
         self.last_transition = Transition(self.params, self.momentum, self.batch_indices, lr)
-        if differentiable:
-            self.params, self.momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), lr, self.sgd)
-        else:
-            with torch.no_grad():
-                params, self.momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), lr, self.sgd)
-            self.params = {n: p.requires_grad_() for n, p in params.items()}
+        with torch.set_grad_enabled(differentiable):
+            params, self.momentum = sgd_update(self.params, self.momentum, grads, lr, self.sgd)
+        self.params = params if differentiable else {n: p.requires_grad_() for n, p in params.items()}
         self.t += 1
         reward, terminated, evaluation = 0.0, self.t >= self.horizon, {}
         if self.t % self.eval_every == 0 or terminated:
