@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,60 +31,57 @@ import torch
 from scipy import stats as scipy_stats
 from tqdm import tqdm
 
-from agents.base import AGENTS, CheckpointError, Teacher, load_teacher, make_agent
-from agents.diagnostics import auroc
+from agents.base import AGENTS, CheckpointError, Teacher, agent_class, load_teacher, make_agent, options_for
+from agents.loop import Curve, WeightStats, start, teach
 from envs import env_factory
-from runconfig import StudentTraining, field, parse_config, yaml_value
+from runconfig import EnvSetting, StudentTraining, field, parse_config
 from students.data import DATASETS, DatasetNotFoundError, check_name
 from students.models import STUDENTS
 from students.noise import NOISE_TYPES
 
-ONLINE_CAPABLE = ("meta_grad", "mwnet")
-NEEDS_CHECKPOINT = ("reinforce", "ppo", "a2c")
 GRID_KEYS = ("dataset", "student", "noise", "noise_rate")
 
 
 @dataclass
-class EvalConfig(StudentTraining):
-    """A benchmark: which teachers, on which settings, over how many seeds."""
+class EvalConfig(EnvSetting, StudentTraining):
+    """A benchmark: which teachers, on which settings, over how many seeds (``seed``, ``seed + 1``, ...)."""
 
     agents: str = field(
         "uniform,spl,l2rw,mwnet,meta_grad", "comma-separated agents to run untrained (online learners learn as they teach)"
     )
+    agent_options: dict | None = field(
+        None, "options per agent as YAML, e.g. '{meta_grad: {teacher_lr: 0.001}, l2rw: {val_batch: 128}}'"
+    )
     teachers: str | None = field(
         None, "comma-separated runs/<name> folders (or teacher.pt files) of trained teachers, run frozen"
     )
-    online: bool = field(False, "let loaded meta-gradient teachers keep learning during evaluation")
-    dataset: str = field("mnist1d", "dataset", choices=list(DATASETS))
-    student: str = field("mlp", "student network", choices=list(STUDENTS))
-    student_kwargs: dict | None = field(None, "student constructor arguments as YAML", parse=yaml_value)
-    noise: str = field("symmetric", "label noise", choices=list(NOISE_TYPES))
-    noise_rate: float = field(0.4, "fraction of training labels corrupted")
+    online: bool = field(False, "let loaded online teachers keep learning during evaluation")
     grid: dict | None = field(
         None,
         "settings grid as YAML, e.g. '{dataset: [mnist1d, digits], noise_rate: [0.2, 0.4]}' (overrides the single setting above)",
-        parse=yaml_value,
     )
-    seeds: int = field(3, "seeds per (setting, agent)")
-    steps: int = field(2000, "student updates per run")
+    seeds: int = field(3, "seeds per (setting, agent)", low=1)
+    steps: int = field(2000, "student updates per run", low=1)
     thresholds: str = field("0.5,0.6", "validation accuracies for steps-to-threshold, comma-separated")
-    workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs")
-    threads: int = field(1, "torch threads per job (fixed, so results do not depend on --workers)")
-    device: str = field("cpu", "cpu, cuda or auto", choices=["cpu", "cuda", "auto"])
-    data_root: str | None = field(None, "folder holding torchvision-style datasets")
+    workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs", low=1)
+    threads: int = field(1, "torch threads per job (fixed, so results do not depend on --workers)", low=1)
     out: str = field("reports/latest", "output folder")
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
-        for name in ("seeds", "steps", "batch_size", "eval_every", "workers", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for agent in self.agent_names:
             check_name("agent", agent, list(AGENTS))
-            if agent in NEEDS_CHECKPOINT:
+            if agent_class(agent).kind == "episodic":
                 raise ValueError(
                     f"agent {agent!r} learns over many episodes and cannot start untrained: train it with train_teacher.py and pass --teachers runs/..."
                 )
+        options = self.agent_options or {}
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError(f"agent_options must map agent -> {{option: value}}, got {options!r}")
+        for agent, values in options.items():
+            if agent not in self.agent_names:
+                raise ValueError(f"agent_options names {agent!r}, which is not in --agents ({self.agents})")
+            make_agent(agent, **options_for(agent, values))  # refuses unknown options and bad values by name
         if not self.agent_names and not self.teacher_paths:
             raise ValueError("nothing to evaluate: --agents and --teachers are both empty")
         for path in self.teacher_paths:
@@ -150,6 +146,7 @@ def env_for(job: Job) -> gym.Env:
         **cfg.student_env_kwargs(),
         horizon=cfg.steps,
         data_root=cfg.data_root,
+        download=cfg.download,
         device=cfg.device,
         seed=job.seed,
         tensor_obs=True,
@@ -161,16 +158,10 @@ def build_teacher(job: Job, env: Any) -> Teacher:
     """The job's teacher: loaded and checked against the env, or fresh; online learners in train mode."""
     if job.teacher_path is not None:
         teacher = load_teacher(job.teacher_path, env=env, device=env.unwrapped.device)
-        teacher.train(job.cfg.online and teacher.name in ONLINE_CAPABLE)
-    else:
-        kwargs = {"seed": job.seed} if job.agent in ONLINE_CAPABLE else {}
-        teacher = make_agent(job.agent, **kwargs)
-        if hasattr(teacher, "to"):
-            teacher.to(env.unwrapped.device)
-        teacher.train(job.agent in ONLINE_CAPABLE)
-    if hasattr(teacher, "bind"):
-        teacher.bind(env)
-    return teacher
+        return teacher.train(job.cfg.online and teacher.kind == "online")
+    options = options_for(job.agent, (job.cfg.agent_options or {}).get(job.agent, {}), seed=job.seed)
+    teacher = make_agent(job.agent, **options).to(env.unwrapped.device)
+    return teacher.train(teacher.kind == "online")
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -179,31 +170,18 @@ def run_job(job: Job) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     env = env_for(job)
     teacher = build_teacher(job, env)
-    obs, info = env.reset(seed=job.seed)
-    weights, corrupted, curve, done, step_seconds = [], [], [], False, 0.0
-    while not done:
-        start = time.perf_counter()
-        w = teacher.act(obs)
-        mask = info["corrupted"]
-        obs, reward, terminated, truncated, info = env.step(w)
-        teacher.observe(env, reward, terminated or truncated, info)
-        step_seconds += time.perf_counter() - start
-        weights.append(torch.as_tensor(w).detach().cpu().numpy())
-        corrupted.append(mask.cpu().numpy())
-        done = terminated or truncated
-        if "val_acc" in info:
-            curve.append((info["step"], info["val_acc"], info["test_acc"]))
-    w, c = np.concatenate(weights), np.concatenate(corrupted)
-    steps_run = len(weights)
+    stats, curve = WeightStats(), Curve()
+    run = teach(start(env, teacher, job.seed), job.cfg.steps, [stats, curve])
+    w, c = stats.arrays()
+    curve = curve.points
     row = {
         "agent": job.agent, "seed": job.seed, **{k: job.setting[k] for k in GRID_KEYS},
         "student_kwargs": json.dumps(job.setting.get("student_kwargs")), "teacher_path": job.teacher_path or "",
         "trained_on": describe_training(teacher) if job.teacher_path else "", "online": teacher.training,
-        "steps": steps_run, "diverged": bool(info.get("diverged")),
+        "steps": run.step, "diverged": bool(run.info.get("diverged")),
         "final_test_acc": curve[-1][2] if curve else float("nan"), "best_test_acc": max((t for _, _, t in curve), default=float("nan")),
-        "final_val_acc": curve[-1][1] if curve else float("nan"), "seconds_per_step": step_seconds / max(steps_run, 1),
-        "auroc": auroc(w, ~c), "weight_clean": float(w[~c].mean()) if (~c).any() else float("nan"),
-        "weight_corrupted": float(w[c].mean()) if c.any() else float("nan"),
+        "final_val_acc": curve[-1][1] if curve else float("nan"), "seconds_per_step": run.seconds / max(run.step, 1),
+        **stats.summary(),
     }  # fmt: skip
     for threshold in job.cfg.threshold_values:
         row[f"steps_to_{threshold:g}"] = steps_to_threshold(curve, threshold)
@@ -397,7 +375,7 @@ def make_jobs(cfg: EvalConfig) -> list[Job]:
     """Every (setting, seed, agent or loaded teacher) job of the benchmark, in a fixed order."""
     jobs = []
     for setting in settings_grid(cfg):
-        for seed in range(cfg.seeds):
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             jobs += [Job(setting, agent, None, seed, cfg) for agent in cfg.agent_names]
             jobs += [
                 Job(setting, f"{load_name(p)}@{Path(p).name if Path(p).is_dir() else Path(p).parent.name}", p, seed, cfg)
@@ -478,5 +456,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: exit status 0 on success (``main`` returns the rows)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

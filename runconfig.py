@@ -1,10 +1,13 @@
-"""Typed run configuration shared by ``train_teacher.py`` and ``evaluate.py``: one dataclass whose
-fields become command-line flags (with ``--help`` text), optionally preset by a YAML file."""
+"""Typed configuration shared by ``train_teacher.py``, ``evaluate.py`` and the teachers' options: one
+dataclass per config whose fields become command-line flags (with ``--help`` text), optionally
+preset by a YAML file, and one validation gate that checks every value's type, range and finiteness.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -12,26 +15,121 @@ from typing import Any
 
 import yaml
 
+from students.data import DATASETS
 from students.functional import LR_SCHEDULES
+from students.models import STUDENTS
+from students.noise import NOISE_TYPES
 
 
-def field(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a one-line description that becomes its ``--help``."""
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+def field(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with a one-line description that becomes its ``--help``. ``checks``:
+    ``choices``, ``low`` / ``high`` (inclusive bounds), ``above`` / ``below`` (exclusive bounds), ``parse``
+    (converter of the flag's text)."""
+    return dataclasses.field(default=default, metadata={"help": help, **checks})
+
+
+def _flag_type(tp: Any) -> tuple[Any, bool]:
+    """(type, optional) for an annotation such as ``int``, ``float | None`` or ``bool``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(name: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any:
+    """``value`` checked against the field's annotation and checks, converted the way a user means
+    it (``"3e-4"`` from YAML is a float, ``2`` is a float where a float is expected); a ValueError
+    that names the field, the value and what is expected otherwise."""
+    tp, optional = _flag_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be given (got null)")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+    elif tp is dict and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping such as '{{key: value}}', got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    check_range(name, value, meta)
+    return value
+
+
+def check_range(name: str, value: Any, meta: dict[str, Any]) -> None:
+    """Refuse ``value`` outside the field's bounds, naming them as an interval ("in [0, 1)") or one side
+    (">= 1")."""
+    lower = f"[{meta['low']}" if "low" in meta else f"({meta['above']}" if "above" in meta else None
+    upper = f"{meta['high']}]" if "high" in meta else f"{meta['below']})" if "below" in meta else None
+    inside = (
+        ("low" not in meta or value >= meta["low"]) and ("above" not in meta or value > meta["above"])
+        and ("high" not in meta or value <= meta["high"]) and ("below" not in meta or value < meta["below"])
+    )  # fmt: skip
+    if inside:
+        return
+    if lower and upper:
+        expected = f"in {lower}, {upper}"
+    elif lower:
+        expected = (">= " if lower[0] == "[" else "> ") + lower[1:]
+    else:
+        expected = ("<= " if upper[-1] == "]" else "< ") + upper[:-1]
+    raise ValueError(f"{name} must be {expected}, got {value}")
+
+
+def check_fields(config: Any, as_flags: bool = False) -> Any:
+    """Coerce and check every field of the dataclass instance ``config`` in place; returns it.
+    Messages name fields as ``--flag-name`` with ``as_flags``, else as they are spelled."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        name = "--" + f.name.replace("_", "-") if as_flags else f.name
+        setattr(config, f.name, coerce(name, getattr(config, f.name), hints[f.name], f.metadata))
+    return config
+
+
+@dataclasses.dataclass
+class EnvSetting:
+    """Which student learns what, under which noise: the ``Teaching-v0`` setting both CLIs share."""
+
+    dataset: str = field("mnist1d", "dataset the student learns", choices=list(DATASETS))
+    student: str = field("mlp", "student network", choices=list(STUDENTS))
+    student_kwargs: dict | None = field(None, "student constructor arguments as YAML, e.g. '{hidden: [64, 32]}'")
+    noise: str = field("symmetric", "label noise of the training split", choices=list(NOISE_TYPES))
+    noise_rate: float = field(0.4, "fraction of training labels corrupted, in [0, 1)", low=0, below=1)
+    seed: int = field(0, "seeds data split, label noise, student, teacher and batch order", low=0)
+    device: str = field("auto", "auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
+    data_root: str | None = field(None, "folder holding torchvision-style datasets (e.g. ../shared/data)")
+    download: bool = field(False, "let torchvision download a missing dataset")
 
 
 @dataclasses.dataclass
 class StudentTraining:
     """How every student trains in ``Teaching-v0``; shared by train_teacher.py and evaluate.py."""
 
-    batch_size: int = field(128, "samples per student update")
-    lr: float = field(0.1, "student learning rate")
-    momentum: float = field(0.9, "student SGD momentum")
-    weight_decay: float = field(5e-4, "student L2 weight decay")
+    batch_size: int = field(128, "samples per student update", low=1)
+    lr: float = field(0.1, "student learning rate", above=0.0)
+    momentum: float = field(0.9, "student SGD momentum", low=0.0, below=1.0)
+    weight_decay: float = field(5e-4, "student L2 weight decay", low=0.0)
     lr_schedule: str = field("constant", "student learning-rate schedule", choices=list(LR_SCHEDULES))
-    eval_every: int = field(100, "updates between validation/test evaluations")
-    val_size: int = field(1000, "clean validation samples carved from the training set")
-    train_size: int | None = field(None, "keep at most this many training samples")
+    eval_every: int = field(100, "updates between validation/test evaluations", low=1)
+    val_size: int = field(1000, "clean validation samples carved from the training set", low=1)
+    train_size: int | None = field(None, "keep at most this many training samples", low=1)
 
     def student_env_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of ``Teaching-v0``."""
@@ -46,46 +144,45 @@ def yaml_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({e.__class__.__name__})") from e
 
 
-def _flag_type(tp: Any) -> tuple[Any, bool]:
-    """(converter, optional) for an annotation such as ``int``, ``float | None`` or ``bool``."""
-    optional = False
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional, tp = True, args[0]
-    return tp, optional
+def _flag_parser(tp: Any, meta: dict[str, Any]) -> Any:
+    """What turns a flag's text into a value: YAML for mappings, the type itself otherwise."""
+    if "parse" in meta:
+        return meta["parse"]
+    return yaml_value if tp is dict else tp
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass ``cls`` (all defaulting to None,
     so that flags given explicitly can override a ``--config`` file)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=None, help="YAML file presetting any of the fields below; flags win")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _flag_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {f.default})"}
+        default = f.metadata.get("default_text", f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {default})"}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = f.metadata.get("parse", tp)
+            kwargs["type"] = _flag_parser(tp, f.metadata)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
 
 def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
-    """Parse ``argv`` into ``cls``: defaults, then the ``--config`` YAML, then explicit flags.
-    Bad values and unknown YAML keys exit through ``parser.error`` (code 2, no traceback)."""
+    """Parse ``argv`` into ``cls``: defaults, then the ``--config`` YAML, then explicit flags; every
+    value goes through ``check_fields`` and the class's ``validate``. Bad values and unknown YAML
+    keys exit through ``parser.error`` (code 2, one line, no traceback)."""
     parser = build_parser(cls, description)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config is not None:
-        values = _read_yaml(parser, args.config, cls)
+        values = read_yaml_config(parser, args.config, cls)
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     try:
-        config = cls(**values)
+        config = check_fields(cls(**values), as_flags=True)
         if hasattr(config, "validate"):
             config.validate()
     except (TypeError, ValueError) as e:
@@ -93,7 +190,8 @@ def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
     return config
 
 
-def _read_yaml(parser: argparse.ArgumentParser, path: Path, cls: type) -> dict[str, Any]:
+def read_yaml_config(parser: argparse.ArgumentParser, path: Path, cls: type) -> dict[str, Any]:
+    """The mapping in the YAML file ``path``; unreadable files and unknown keys exit via ``parser.error``."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:

@@ -27,5 +27,5 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={"dev": ["pytest>=7.4", "ruff>=0.5"]},
-    entry_points={"console_scripts": ["l2t-train=train_teacher:main", "l2t-evaluate=evaluate:main"]},
+    entry_points={"console_scripts": ["l2t-train=train_teacher:cli", "l2t-evaluate=evaluate:cli"]},
 )

@@ -3,10 +3,11 @@
     python train_teacher.py --agent meta_grad                 # mnist1d, mlp, 40% symmetric noise
     python train_teacher.py --agent meta_grad --unroll 3 --dataset digits --steps 2000
     python train_teacher.py --config my_run.yaml --seed 2     # flags override the file
-    python train_teacher.py --agent meta_grad --resume --out runs/my_run
+    python train_teacher.py --resume --out runs/my_run        # continue (or --steps N to extend) a run
 
 Outputs: ``teacher.pt`` (checkpoint, written atomically every ``--checkpoint-every`` steps and at
 the end), ``config.yaml``, ``metrics.jsonl`` (one line per evaluation) and TensorBoard events.
+Teacher flags come from the agents' own option classes (``agents/``); each says which agents take it.
 """
 
 from __future__ import annotations
@@ -16,78 +17,59 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
-from agents.base import AGENTS, CheckpointError, Teacher, make_agent, read_checkpoint
-from agents.diagnostics import auroc
+from agents.base import AGENTS, CheckpointError, Teacher, agent_class, make_agent, option_fields, options_for, read_checkpoint
+from agents.loop import Callback, Curve, TeacherScalars, TeachingRun, WeightStats, start, teach
 from envs import env_factory
 from envs.rewards import REWARDS
-from runconfig import StudentTraining, field, parse_config, to_yaml, yaml_value
-from students.data import DATASETS, load_dataset
-from students.models import STUDENTS
-from students.noise import NOISE_TYPES
+from runconfig import EnvSetting, StudentTraining, check_fields, field, parse_config, to_yaml
+from students.data import DatasetNotFoundError, load_dataset
 
-ONLINE_AGENTS = ("meta_grad", "mwnet")  # learn jointly with the student, through the env's functional access
-RL_AGENTS = ("reinforce", "ppo", "a2c")  # learn from rewards over many student episodes, through the Gym API
 RL_DEFAULT_HORIZON = 200
+RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "progress", "threads", "checkpoint_every", "out", "config")
 
 
-@dataclass
-class TrainConfig(StudentTraining):
-    """Everything a teacher-training run depends on."""
+@dataclasses.dataclass
+class TrainRun(EnvSetting, StudentTraining):
+    """Everything a teacher-training run depends on, besides the teacher's own options."""
 
-    agent: str = field("meta_grad", "teacher to train", choices=list(AGENTS))
-    dataset: str = field("mnist1d", "dataset the student learns", choices=list(DATASETS))
-    student: str = field("mlp", "student network", choices=list(STUDENTS))
-    student_kwargs: dict | None = field(
-        None, "student constructor arguments as YAML, e.g. '{hidden: [64, 32]}'", parse=yaml_value
-    )
-    noise: str = field("symmetric", "label noise of the training split", choices=list(NOISE_TYPES))
-    noise_rate: float = field(0.4, "fraction of training labels corrupted, in [0, 1)")
-    steps: int = field(3000, "total student updates (across episodes)")
-    epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)")
+    agent: str = field("meta_grad", "teacher to train (one of the registered agents)")
+    steps: int = field(3000, "total student updates (across episodes)", low=1)
+    epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)", above=0.0)
     horizon: int | None = field(
-        None, f"updates per student episode (default: --steps for online teachers, {RL_DEFAULT_HORIZON} for RL teachers)"
+        None, f"updates per student episode (default: --steps, or {RL_DEFAULT_HORIZON} for episodic RL teachers)", low=1
     )
-    n_envs: int = field(1, "RL teachers: student episodes run in parallel processes")
+    n_envs: int = field(1, "episodic teachers: student episodes run in parallel processes", low=1)
     reward: str = field("accuracy", "env reward (RL teachers learn from it)", choices=list(REWARDS))
-    threshold: float = field(0.6, "validation accuracy for the threshold reward")
-    unroll: int = field(1, "meta_grad: real student updates B the meta-gradient goes through")
-    meta_lr: float = field(3e-3, "meta_grad/mwnet: teacher Adam learning rate")
-    val_batch: int = field(256, "meta_grad/mwnet/l2rw: validation samples per meta-gradient")
-    features: str = field("all", "meta_grad/RL: teacher inputs (all = internal + surface)", choices=["all", "surface", "loss"])
-    rl_lr: float = field(1e-2, "reinforce: policy Adam learning rate (ppo/a2c use 3e-4)")
-    seed: int = field(0, "seeds data split, label noise, student, teacher and batch order")
-    device: str = field("auto", "auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    data_root: str | None = field(None, "folder holding torchvision-style datasets (e.g. ../shared/data)")
-    download: bool = field(False, "let torchvision download a missing dataset")
+    threshold: float = field(0.6, "validation accuracy for the threshold reward", low=0.0, high=1.0)
+    threads: int = field(1, "torch threads (1 is fastest for the small default students on a busy machine)", low=1)
     out: str | None = field(None, "run folder (default runs/<agent>-<dataset>-<student>-s<seed>)")
-    checkpoint_every: int = field(500, "updates between atomic checkpoints (rounded up to a multiple of eval_every and unroll)")
-    resume: bool = field(False, "continue the run in --out from its last checkpoint")
+    checkpoint_every: int = field(
+        500, "updates between atomic checkpoints (rounded up to a multiple of eval_every and unroll)", low=1
+    )
+    resume: bool = field(False, "continue the run in --out (default: the latest matching run) from its last checkpoint")
     progress: bool = field(True, "show a progress bar")
 
+    @property
+    def teacher_options(self) -> dict[str, Any]:
+        """The chosen agent's options (the run's seed included); refuses options it does not take."""
+        values = {name: getattr(self, name) for name, *_ in option_fields()}
+        return options_for(self.agent, values, seed=self.seed)
+
+    @property
+    def kind(self) -> str:
+        return agent_class(self.agent).kind
+
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "eval_every", "val_size", "unroll", "val_batch", "checkpoint_every", "n_envs")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.noise_rate < 1:
-            raise ValueError(f"--noise-rate must be in [0, 1), got {self.noise_rate}")
-        if self.lr <= 0 or self.meta_lr <= 0:
-            raise ValueError(f"--lr and --meta-lr must be positive, got {self.lr} and {self.meta_lr}")
-        if self.horizon is not None and self.horizon < 1:
-            raise ValueError(f"--horizon must be >= 1, got {self.horizon}")
-        if self.student_kwargs is not None and not isinstance(self.student_kwargs, dict):
-            raise ValueError(f"--student-kwargs must be a mapping such as '{{hidden: [64, 32]}}', got {self.student_kwargs!r}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        _ = self.teacher_options
 
     @property
     def run_dir(self) -> Path:
@@ -97,42 +79,31 @@ class TrainConfig(StudentTraining):
             return Path(self.out)
         base = Path(f"runs/{self.agent}-{self.dataset}-{self.student}-s{self.seed}")
         candidates = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 10_000)]
-        used = [c for c in candidates if (c / "teacher.pt").exists() or (c / "config.yaml").exists()]
+        used = [c for c in candidates if (c / "teacher.pt").exists()]
         if self.resume:
             return used[-1] if used else base
         return next(c for c in candidates if c not in used)
 
 
+def config_class() -> type:
+    """``TrainRun`` plus one flag per teacher option in the registry (built when parsing, so that a
+    newly registered teacher brings its agent name and flags)."""
+    agent = ("agent", str, field("meta_grad", "teacher to train", choices=list(AGENTS)))
+    return dataclasses.make_dataclass("TrainConfig", [agent, *option_fields()], bases=(TrainRun,))
+
+
 def env_kwargs(cfg: Any, horizon: int) -> dict[str, Any]:
     """Keyword arguments of ``Teaching-v0`` taken from a run config."""
-    return dict(
-        **cfg.student_env_kwargs(), dataset=cfg.dataset, student=cfg.student, student_kwargs=cfg.student_kwargs,
-        noise=cfg.noise, noise_rate=cfg.noise_rate, horizon=horizon, reward=cfg.reward, threshold=cfg.threshold,
-        data_root=cfg.data_root, download=cfg.download, device=cfg.device, seed=cfg.seed,
-    )  # fmt: skip
+    setting = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvSetting)}
+    return dict(**setting, **cfg.student_env_kwargs(), horizon=horizon, reward=cfg.reward, threshold=cfg.threshold)
 
 
-def agent_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The teacher's own config, from the fields that apply to it."""
-    if cfg.agent == "meta_grad":
-        return dict(unroll=cfg.unroll, meta_lr=cfg.meta_lr, val_batch=cfg.val_batch, features=cfg.features, seed=cfg.seed)
-    if cfg.agent == "mwnet":
-        return dict(meta_lr=cfg.meta_lr, val_batch=cfg.val_batch, seed=cfg.seed)
-    if cfg.agent == "l2rw":
-        return dict(val_batch=cfg.val_batch)
-    if cfg.agent in RL_AGENTS and cfg.features == "loss":
-        raise ValueError("RL teachers read 'all' or 'surface' features, not 'loss'")
-    if cfg.agent == "reinforce":
-        return dict(features=cfg.features, lr=cfg.rl_lr, seed=cfg.seed)
-    if cfg.agent in RL_AGENTS:
-        return dict(features=cfg.features, seed=cfg.seed)
-    return {}
+# ------------------------------------------------------------------------------------------ callbacks
+class RunLog(Callback):
+    """metrics.jsonl plus TensorBoard, one record per evaluation (student, teacher scalars, weights);
+    resumable at a step (later lines are dropped)."""
 
-
-class RunLog:
-    """metrics.jsonl plus TensorBoard, both resumable at a step (later lines are dropped)."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, start_step: int):
+    def __init__(self, run_dir: Path, cfg: Any, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
@@ -145,6 +116,7 @@ class RunLog:
         if not start_step:
             table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items())
             self.writer.add_text("config", "|field|value|\n|-|-|\n" + table, 0)
+        self.weights, self.scalars = WeightStats(), TeacherScalars()
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -153,122 +125,106 @@ class RunLog:
             if isinstance(value, (int, float)) and np.isfinite(value):
                 self.writer.add_scalar(key, value, step)
 
-    def close(self) -> None:
+    def on_step(self, run: TeachingRun) -> None:
+        self.weights.on_step(run)
+        self.scalars.on_step(run)
+        info = run.info
+        if "val_acc" in info:
+            record = {
+                f"student/{k}": info[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc", "train_loss", "train_acc")
+            }
+            record["episode"] = run.episode
+            record.update({f"teacher/{k}": v for k, v in self.scalars.flush().items()})
+            record.update({f"teacher/{k}": v for k, v in self.weights.summary().items()})
+            self.writer.add_histogram("teacher/weights", self.weights.arrays()[0], run.step)
+            self.weights.clear()
+            self.write(run.step, record)
+        if info.get("diverged"):
+            tqdm.write(f"episode {run.episode} diverged at step {info['step']}; starting a new student")
+            self.write(run.step, {"student/diverged": 1, "episode": run.episode})
+
+    def on_end(self, run: TeachingRun) -> None:
         self.writer.close()
 
 
-class WindowStats:
-    """Weights given to clean and corrupted samples since the last evaluation."""
+class Checkpoints(Callback):
+    """Atomic checkpoint of the teacher and, mid-episode, of the env's episode state, every
+    ``every`` steps and at ``last``."""
 
-    def __init__(self) -> None:
-        self.weights: list[np.ndarray] = []
-        self.corrupted: list[np.ndarray] = []
-        self.scalars: dict[str, list[float]] = {}
+    def __init__(self, path: Path, every: int, last: int):
+        self.path, self.every, self.last = path, every, last
 
-    def add(self, weights: torch.Tensor, corrupted: Any, scalars: dict[str, float]) -> None:
-        self.weights.append(torch.as_tensor(weights).detach().cpu().numpy())
-        self.corrupted.append(np.asarray(torch.as_tensor(corrupted).cpu()))
-        for k, v in scalars.items():
-            self.scalars.setdefault(k, []).append(v)
-
-    def flush(self, writer: Any, step: int) -> dict[str, float]:
-        if not self.weights:
-            return {}
-        w, c = np.concatenate(self.weights), np.concatenate(self.corrupted)
-        record = {f"teacher/{k}": float(np.mean(v)) for k, v in self.scalars.items()}
-        record["teacher/weight_clean"] = float(w[~c].mean()) if (~c).any() else float("nan")
-        record["teacher/weight_corrupted"] = float(w[c].mean()) if c.any() else float("nan")
-        record["teacher/auroc"] = auroc(w, ~c)
-        writer.add_histogram("teacher/weights", w, step)
-        self.__init__()
-        return record
+    def on_step(self, run: TeachingRun) -> None:
+        if run.step % self.every == 0 or run.step == self.last:
+            extra = {"step": run.step, "episode": run.episode + run.done}  # a finished episode resumes with the next
+            if not run.done:
+                extra["env_state"] = run.env.unwrapped.state_dict()
+            run.teacher.save(self.path, run.env, extra=extra)
 
 
-def checkpoint(teacher: Teacher, env: Any, path: Path, step: int, episode: int) -> None:
-    """Atomic checkpoint of the teacher and, mid-episode, of the env's episode state."""
-    extra = {"step": step, "episode": episode}
-    if env.unwrapped._losses is not None:
-        extra["env_state"] = env.unwrapped.state_dict()
-    teacher.save(path, env, extra=extra)
+class ProgressBar(Callback):
+    """A tqdm bar of student updates with the latest accuracies."""
+
+    def __init__(self, total: int, initial: int, description: str, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=description, unit="step")
+
+    def on_step(self, run: TeachingRun) -> None:
+        self.bar.update(1)
+        if "val_acc" in run.info:
+            self.bar.set_postfix(val_acc=f"{run.info['val_acc']:.3f}", test_acc=f"{run.info['test_acc']:.3f}")
+
+    def on_end(self, run: TeachingRun) -> None:
+        self.bar.close()
 
 
-def run_online(cfg: TrainConfig, run_dir: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """Train an online teacher (or run a fixed one) jointly with students, ``cfg.steps`` updates,
+# ------------------------------------------------------------------------------------------ runs
+def build_online(cfg: Any) -> tuple[gym.Env, Teacher]:
+    """The env and the teacher of a run that teaches one student at a time (fixed and online kinds)."""
+    env = gym.make("Teaching-v0", **env_kwargs(cfg, cfg.horizon or cfg.steps), tensor_obs=True, disable_env_checker=True)
+    teacher = make_agent(cfg.agent, **cfg.teacher_options).to(env.unwrapped.device)
+    return env, teacher.train(cfg.kind == "online")
+
+
+def run_online(cfg: Any, run_dir: Path, env: gym.Env, teacher: Teacher, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Teach students one after another for ``cfg.steps`` updates, the teacher learning online,
     continuing from the checkpoint ``saved`` when resuming."""
-    horizon = cfg.horizon or cfg.steps
-    env = gym.make("Teaching-v0", **env_kwargs(cfg, horizon), tensor_obs=True, disable_env_checker=True)
-    device = env.unwrapped.device
-    teacher = make_agent(cfg.agent, **agent_kwargs(cfg))
-    if hasattr(teacher, "to"):
-        teacher.to(device)
-    if hasattr(teacher, "bind"):
-        teacher.bind(env)
-    teacher.train(cfg.agent in ONLINE_AGENTS)
+    episode_seed = lambda episode: cfg.seed + episode
     step, episode = 0, 0
-    ckpt_path = run_dir / "teacher.pt"
     if saved is not None:
         teacher.load_state_dict(saved["state"])
         step, episode = saved["extra"]["step"], saved["extra"]["episode"]
-    obs, info = env.reset(seed=cfg.seed + episode)
+    run = start(env, teacher, episode_seed(episode))
+    run.step, run.episode = step, episode
     if saved is not None and "env_state" in saved["extra"]:
-        obs = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
-        info = {"corrupted": env.unwrapped.corrupted[env.unwrapped.batch_indices]}
-    log = RunLog(run_dir, cfg, step)
-    window, last_eval = WindowStats(), {}
-    every = checkpoint_interval(cfg)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"{cfg.agent} on {cfg.dataset}", unit="step")
-    start = time.perf_counter()
-    while step < cfg.steps:
-        weights = teacher.act(obs)
-        corrupted = info["corrupted"]
-        obs, reward, terminated, truncated, info = env.step(weights)
-        scalars = teacher.observe(env, reward, terminated or truncated, info)
-        window.add(weights, corrupted, scalars)
-        step += 1
-        bar.update(1)
-        if "val_acc" in info:
-            last_eval = {f"student/{k}": info[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc")}
-            running = env.unwrapped.features
-            record = {
-                **last_eval,
-                "student/train_loss": float(running.train_loss),
-                "student/train_acc": float(running.train_acc),
-                "episode": episode,
-            }
-            record.update(window.flush(log.writer, step))
-            log.write(step, record)
-            bar.set_postfix(val_acc=f"{info['val_acc']:.3f}", test_acc=f"{info['test_acc']:.3f}")
-        if terminated or truncated:
-            if info.get("diverged"):
-                tqdm.write(f"episode {episode} diverged at step {info['step']}; starting a new student")
-                log.write(step, {"student/diverged": 1, "episode": episode})
-            episode += 1
-            obs, info = env.reset(seed=cfg.seed + episode)
-        if step % every == 0 or step == cfg.steps:
-            checkpoint(teacher, env, ckpt_path, step, episode)
-    bar.close()
-    log.close()
-    return summarise(run_dir, time.perf_counter() - start)
+        run.obs, run.next_info = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
+    callbacks = [
+        RunLog(run_dir, cfg, step),
+        Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps),
+        ProgressBar(cfg.steps, step, f"{cfg.agent} on {cfg.dataset}", cfg.progress),
+    ]
+    started = time.perf_counter()
+    try:
+        teach(run, cfg.steps - step, callbacks, episode_seed=episode_seed)
+    except KeyboardInterrupt:
+        callbacks[-1].on_end(run)
+        raise Interrupted(run.step) from None
+    return summarise(run_dir, time.perf_counter() - started)
 
 
-def run_rl(cfg: TrainConfig, run_dir: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """Train an RL teacher over many student episodes of ``horizon`` updates (``cfg.steps`` in all),
+def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Train an episodic (RL) teacher over many student episodes (``cfg.steps`` updates in all),
     continuing from the checkpoint ``saved`` when resuming, then teach one fresh student with it,
     frozen, for the summary."""
-    horizon = cfg.horizon or min(cfg.steps, RL_DEFAULT_HORIZON)
-    make_env = env_factory(**env_kwargs(cfg, horizon))
-    teacher = make_agent(cfg.agent, **agent_kwargs(cfg))
-    ckpt_path = run_dir / "teacher.pt"
+    make_env = env_factory(**env_kwargs(cfg, rl_horizon(cfg)))
     done_steps = 0
     if saved is not None:
         teacher.trained_on = saved["obs_spec"]
         teacher.load_state_dict(saved["state"])
         done_steps = saved["extra"]["step"]
-    probe = make_env()
     log = RunLog(run_dir, cfg, done_steps)
-    bar = tqdm(total=cfg.steps, initial=done_steps, disable=not cfg.progress, desc=f"{cfg.agent} on {cfg.dataset}", unit="step")
-    start = time.perf_counter()
+    bar = ProgressBar(cfg.steps, done_steps, f"{cfg.agent} on {cfg.dataset}", cfg.progress).bar
     last_saved = [done_steps]
+    started = time.perf_counter()
 
     def report(step: int, record: dict[str, Any]) -> None:
         log.write(step, record)
@@ -276,92 +232,75 @@ def run_rl(cfg: TrainConfig, run_dir: Path, saved: dict[str, Any] | None) -> dic
         if "student/test_acc" in record:
             bar.set_postfix(test_acc=f"{record['student/test_acc']:.3f}", ret=f"{record.get('teacher/return', 0):.3f}")
         if step - last_saved[0] >= cfg.checkpoint_every or step >= cfg.steps:
-            teacher.save(ckpt_path, probe, extra={"step": step, "episode": 0})
+            teacher.save(run_dir / "teacher.pt", probe, extra={"step": step, "episode": 0})
             last_saved[0] = step
 
-    if cfg.agent == "reinforce":
-        steps_taken = [done_steps]
-
-        def after_round(rounds: int, stats: dict[str, Any]) -> bool:
-            """Log the round; stop once the student updates actually taken reach ``cfg.steps``
-            (episodes that reach the threshold end early, so rounds differ in length)."""
-            steps_taken[0] += int(round(stats["episode_steps"] * cfg.n_envs))
-            record = {f"teacher/{k}": v for k, v in stats.items() if k not in ("val_acc", "test_acc")}
-            record.update({f"student/{k}": stats[k] for k in ("val_acc", "test_acc") if k in stats})
-            report(min(steps_taken[0], cfg.steps), {**record, "episode": rounds * cfg.n_envs})
-            return steps_taken[0] < cfg.steps
-
-        # every round takes at least one update per env, so cfg.steps rounds is an upper bound
-        teacher.learn(make_env, rounds=cfg.steps, n_envs=cfg.n_envs, seed=cfg.seed, callback=after_round)
-    else:
-        from agents.sb3 import ProgressCallback
-
-        callback = ProgressCallback(report, done_steps)
-        teacher.learn(make_env, max(0, cfg.steps - done_steps), cfg.n_envs, tensorboard_log=str(run_dir), callback=callback)
-        teacher.save(ckpt_path, probe, extra={"step": cfg.steps, "episode": 0})
+    try:
+        teacher.train_episodes(make_env, cfg.steps, done_steps, cfg.n_envs, report, log_dir=str(run_dir))
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(last_saved[0]) from None
+    teacher.save(run_dir / "teacher.pt", probe, extra={"step": cfg.steps, "episode": 0})
     bar.close()
-    log.close()
-    return {**taught_student_summary(teacher, probe, cfg.seed), "seconds": time.perf_counter() - start}
+    log.writer.close()
+    return {**taught_student_summary(teacher, probe, cfg.seed), "seconds": time.perf_counter() - started}
 
 
-def taught_student_summary(teacher: Teacher, env: Any, seed: int) -> dict[str, Any]:
+def taught_student_summary(teacher: Teacher, env: gym.Env, seed: int) -> dict[str, Any]:
     """Teach one fresh student with the frozen ``teacher``; its test accuracy and the weights' AUROC."""
     teacher.train(False)
-    obs, info = env.reset(seed=seed + 10_000)
-    weights, corrupted, test_accs, done = [], [], [], False
-    while not done:
-        w = teacher.act(obs)
-        weights.append(torch.as_tensor(w).cpu().numpy())
-        corrupted.append(np.asarray(info["corrupted"]))
-        obs, _, done, truncated, info = env.step(w)
-        done = done or truncated
-        if "test_acc" in info:
-            test_accs.append(info["test_acc"])
-    w, c = np.concatenate(weights), np.concatenate(corrupted)
-    return {"final_test_acc": test_accs[-1], "best_test_acc": max(test_accs), "auroc": auroc(w, ~c)}
+    stats, curve = WeightStats(), Curve()
+    teach(start(env, teacher, seed + 10_000), env.unwrapped.horizon, [stats, curve])
+    return {
+        "final_test_acc": curve.points[-1][2],
+        "selected_test_acc": selected_test_acc(curve.points),
+        "auroc": stats.summary()["auroc"],
+    }
 
 
-def checkpoint_interval(cfg: TrainConfig) -> int:
+def selected_test_acc(points: list[tuple[int, float, float]]) -> float:
+    """Test accuracy at the evaluation with the best validation accuracy (the first such one): model
+    selection on the clean validation split only, never on the test set."""
+    if not points:
+        return float("nan")
+    best = max(range(len(points)), key=lambda i: (points[i][1], -i))
+    return points[best][2]
+
+
+def rl_horizon(cfg: Any) -> int:
+    return cfg.horizon or min(cfg.steps, RL_DEFAULT_HORIZON)
+
+
+def checkpoint_interval(cfg: Any) -> int:
     """``checkpoint_every`` rounded up to a multiple of ``eval_every`` and ``unroll``, so that a
     resumed run loses no half-collected meta-gradient window or evaluation window."""
-    unit = math.lcm(cfg.eval_every, cfg.unroll)
+    unit = math.lcm(cfg.eval_every, getattr(cfg, "unroll", None) or 1)
     return unit * math.ceil(cfg.checkpoint_every / unit)
 
 
 def summarise(run_dir: Path, seconds: float) -> dict[str, Any]:
-    """Final and best test accuracy of the last episode and the teacher's AUROC, from metrics.jsonl."""
+    """Final test accuracy of the last episode, the test accuracy at its best validation accuracy,
+    and the teacher's mean AUROC, from metrics.jsonl."""
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evaluated = [r for r in records if "student/test_acc" in r]
     last_episode = [r for r in evaluated if r["episode"] == evaluated[-1]["episode"]] if evaluated else []
     aurocs = [r["teacher/auroc"] for r in records if np.isfinite(r.get("teacher/auroc", float("nan")))]
-    nan = float("nan")
+    points = [(r["step"], r["student/val_acc"], r["student/test_acc"]) for r in last_episode]
     return {
-        "final_test_acc": last_episode[-1]["student/test_acc"] if last_episode else nan,
-        "best_test_acc": max((r["student/test_acc"] for r in last_episode), default=nan),
-        "best_val_acc": max((r["student/val_acc"] for r in last_episode), default=nan),
+        "final_test_acc": points[-1][2] if points else float("nan"),
+        "selected_test_acc": selected_test_acc(points),
+        "best_val_acc": max((p[1] for p in points), default=float("nan")),
         "auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
         "seconds": seconds,
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse the config, prepare the run folder, train, and print and save the summary."""
-    cfg = parse_config(TrainConfig, argv, __doc__.splitlines()[0])
-    run_dir = cfg.run_dir
-    saved = prepare_run_dir(cfg, run_dir)
-    torch.manual_seed(cfg.seed)
-    try:
-        if cfg.epochs is not None:
-            cfg.steps = steps_for_epochs(cfg)
-        summary = (run_rl if cfg.agent in RL_AGENTS else run_online)(cfg, run_dir, saved)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        fail(str(e))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"done in {summary['seconds']:.0f}s: student test accuracy {summary['final_test_acc']:.4f} "
-        f"(best {summary['best_test_acc']:.4f}); teacher AUROC clean-vs-corrupted {summary['auroc']:.3f}; run in {run_dir}/"
-    )
-    return summary
+# ------------------------------------------------------------------------------------------ main
+class Interrupted(Exception):
+    """Ctrl-C during training; the last checkpoint is intact."""
+
+    def __init__(self, step: int):
+        self.step = step
 
 
 def fail(message: str) -> None:
@@ -370,36 +309,90 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def steps_for_epochs(cfg: TrainConfig) -> int:
+def steps_for_epochs(cfg: Any) -> int:
     """Updates in ``cfg.epochs`` passes over the training split (the sampler drops ragged tails)."""
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.val_size, cfg.train_size, cfg.seed, "cpu", cfg.download)
     return max(1, int(round(cfg.epochs * (len(data.train) // cfg.batch_size))))
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
-    """Create the run folder, or check it and read its checkpoint for --resume (returned), before
-    anything is written; then write config.yaml atomically."""
+def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """For ``--resume``: the run's own config.yaml, with only ``RESUME_MAY_CHANGE`` taken from the
+    command line (other flags that differ are refused by name), and its checkpoint. Reads only."""
+    checkpoint_file, config_file = run_dir / "teacher.pt", run_dir / "config.yaml"
+    if not checkpoint_file.is_file():
+        fail(f"--resume needs a checkpoint, but {checkpoint_file} does not exist")
+    try:
+        saved = read_checkpoint(checkpoint_file)
+        stored = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except CheckpointError as e:
+        fail(str(e))
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"--resume cannot read {config_file}: {e}")
+    if saved["agent"] != cfg.agent and ("--agent" in argv or saved["agent"] != stored.get("agent")):
+        fail(f"{checkpoint_file} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
+    given = {a.split("=")[0][2:].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
+    changed = sorted(
+        name for name in given - set(RESUME_MAY_CHANGE) if name in stored and stored[name] != getattr(cfg, name, None)
+    )
+    if changed:
+        flags = ", ".join(f"--{n.replace('_', '-')} ({stored[n]!r} -> {getattr(cfg, n)!r})" for n in changed)
+        fail(f"--resume continues the run as it was configured; these flags would change it: {flags}")
+    try:
+        merged = check_fields(type(cfg)(**{**stored, **{k: getattr(cfg, k) for k in RESUME_MAY_CHANGE if k != "config"}}))
+    except (TypeError, ValueError) as e:
+        fail(f"{config_file} does not describe a run of this version: {e}")
+    merged.out = str(run_dir)
+    return merged, saved
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse and check everything (building the env and teacher), then prepare the run folder,
+    train, and print and save the summary. A refused command writes nothing."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(config_class(), argv, __doc__.splitlines()[0])
+    run_dir = cfg.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         fail(f"--out {run_dir} exists and is not a folder")
+    saved = None
     if cfg.resume:
-        if not (run_dir / "teacher.pt").is_file():
-            fail(f"--resume needs a checkpoint, but {run_dir / 'teacher.pt'} does not exist")
-        try:
-            saved = read_checkpoint(run_dir / "teacher.pt")
-        except CheckpointError as e:
-            fail(str(e))
-        if saved["agent"] != cfg.agent:
-            fail(f"{run_dir / 'teacher.pt'} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
-    else:
-        saved = None
-        if (run_dir / "teacher.pt").exists():
-            fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(run_dir / "config.yaml")
-    return saved
+        cfg, saved = resumed_config(cfg, argv, run_dir)
+    elif (run_dir / "teacher.pt").exists():
+        fail(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    try:
+        if cfg.epochs is not None:
+            cfg.steps = steps_for_epochs(cfg)
+        if cfg.kind == "episodic":
+            env = env_factory(**env_kwargs(cfg, rl_horizon(cfg)))()
+            teacher = make_agent(cfg.agent, **cfg.teacher_options)
+        else:
+            env, teacher = build_online(cfg)
+        if saved is not None and saved["extra"]["step"] > cfg.steps:
+            raise ValueError(f"the run already took {saved['extra']['step']} steps; --steps {cfg.steps} would shorten it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(run_dir / "config.yaml")
+        summary = (run_episodic if cfg.kind == "episodic" else run_online)(cfg, run_dir, env, teacher, saved)
+    except (ValueError, DatasetNotFoundError, CheckpointError) as e:
+        fail(str(e))
+    except Interrupted as e:
+        print(f"train_teacher.py: interrupted at step {e.step}; resume with --resume --out {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"done in {summary['seconds']:.0f}s: student test accuracy {summary['final_test_acc']:.4f} "
+        f"(at best validation accuracy {summary['selected_test_acc']:.4f}); "
+        f"teacher AUROC clean-vs-corrupted {summary['auroc']:.3f}; run in {run_dir}/"
+    )
+    return summary
+
+
+def cli() -> None:
+    """Console-script entry point: exit status 0 on success (``main`` returns the summary)."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

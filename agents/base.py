@@ -8,9 +8,12 @@ library versions; ``load_teacher`` refuses one that does not fit the env it is m
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import tempfile
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,14 +21,17 @@ import numpy as np
 import torch
 
 from envs.observation import observation_spec
+from runconfig import check_fields
 from students.data import check_name
+from students.handle import StudentHandle
 
 CHECKPOINT_FORMAT = "l2t-gym-teacher"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: typed teacher options (one teacher_lr), env state held by the StudentHandle
 
 # name -> "module:Class". A new teacher is one file in agents/ and one line here.
 AGENTS: dict[str, str] = {
     "uniform": "agents.heuristics:UniformTeacher",
+    "oracle": "agents.heuristics:OracleReference",
     "spl": "agents.heuristics:SelfPacedTeacher",
     "small_loss": "agents.heuristics:SmallLossTeacher",
     "meta_grad": "agents.meta_grad:MetaGradTeacher",
@@ -41,26 +47,57 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the env it is loaded for."""
 
 
-class Teacher:
-    """Base class of all teachers. Subclasses set ``name`` and implement ``act``.
+@dataclasses.dataclass
+class NoOptions:
+    """The options of a teacher that has none."""
 
-    Learned teachers keep tensors (``state_dict``) that ``save`` writes; online learners update
-    themselves in ``observe`` after each env step while ``training`` is True.
+
+KINDS = {
+    "fixed": "acts by a fixed rule (it may read the student through the handle, but learns nothing)",
+    "online": "learns jointly with the student it teaches (meta-gradients through the handle); can also run frozen",
+    "episodic": "learns over many student episodes from rewards, through the Gym API only; needs training first",
+}
+
+
+class Teacher:
+    """Base class of all teachers. A subclass sets ``name``, ``kind`` (one of ``KINDS``), its typed
+    ``Options`` dataclass (whose fields become CLI flags), and implements ``act``.
+
+    The loop (``agents.loop.teach``) calls ``act(obs)`` -> ``env.step`` -> ``observe(reward, done, info)``.
+    Teachers that read the student beyond the observation set ``needs_handle`` and receive the env's
+    ``StudentHandle`` once through ``attach``. Learned teachers keep tensors (``state_dict``) that
+    ``save`` writes; online learners update themselves in ``observe`` while ``training`` is True.
     """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "fixed"
+    Options: ClassVar[type] = NoOptions
+    needs_handle: ClassVar[bool] = False
+    needs_batch_size: ClassVar[bool] = False  # the teacher's network is tied to the batch size it was built for
+    reference: ClassVar[bool] = False  # a reference that reads diagnostics (the oracle), never a teacher
 
-    def __init__(self, **config: Any):
-        self.config = config
+    def __init__(self, **options: Any):
+        try:
+            self.options = check_fields(self.Options(**options))
+        except TypeError as e:  # an option this teacher does not have
+            known = ", ".join(f.name for f in dataclasses.fields(self.Options)) or "none"
+            raise ValueError(f"agent {self.name!r} got an unknown option ({e}); its options: {known}") from None
+        self.config = dataclasses.asdict(self.options)  # what re-creates this teacher (saved in checkpoints)
         self.training = False
+        self.handle: StudentHandle | None = None
         self.trained_on: dict | None = None  # observation spec of the env it learned on
         self.trained_env: dict | None = None  # config of that env (dataset, student, noise, ...)
+
+    def attach(self, handle: StudentHandle) -> Teacher:
+        """Receive the env's student handle (``env.unwrapped.handle``); kept for the env's life."""
+        self.handle = handle
+        return self
 
     def act(self, obs: dict) -> torch.Tensor:
         """One weight in [0, 1] per sample of the observed batch, shape (batch_size,)."""
         raise NotImplementedError
 
-    def observe(self, env: Any, reward: float, done: bool, info: dict) -> dict[str, float]:
+    def observe(self, reward: float, done: bool, info: dict) -> dict[str, float]:
         """Called after every ``env.step``; online learners update here. Returns scalars to log."""
         return {}
 
@@ -68,6 +105,19 @@ class Teacher:
         """Switch online learning on or off (frozen teachers only act)."""
         self.training = mode
         return self
+
+    def to(self, device: torch.device | str) -> Teacher:
+        """Move the teacher's tensors to ``device`` (nothing to move by default)."""
+        return self
+
+    def train_episodes(
+        self, make_env: Callable[[], Any], steps: int, done_steps: int, n_envs: int,
+        report: Callable[[int, dict[str, Any]], None], log_dir: str | None = None,
+    ) -> None:  # fmt: skip
+        """Episodic teachers: learn over fresh student episodes until ``steps`` student updates in
+        all (``done_steps`` of them already taken by a resumed run), calling ``report(step, record)``
+        as episodes finish."""
+        raise NotImplementedError(f"{self.name!r} is a {self.kind} teacher; only episodic teachers train over episodes")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -89,8 +139,6 @@ class Teacher:
                     f"teacher {self.name!r} was trained on observations with {key} = {trained}, "
                     f"but this env has {key} = {current.get(key)}; train a teacher for this env or use a matching one"
                 )
-
-    needs_batch_size: ClassVar[bool] = False
 
     def save(self, path: str | Path, env: Any = None, extra: dict[str, Any] | None = None) -> Path:
         """Write the checkpoint atomically (temporary file, then rename) and return its path."""
@@ -179,8 +227,7 @@ def load_teacher(path: str | Path, env: Any = None, device: str | torch.device =
         teacher.load_state_dict(checkpoint["state"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: the saved state does not fit agent {checkpoint['agent']!r}: {e}") from e
-    if hasattr(teacher, "to"):
-        teacher.to(device)
+    teacher.to(device)
     if env is not None:
         teacher.check_env(env)
     return teacher
@@ -189,3 +236,46 @@ def load_teacher(path: str | Path, env: Any = None, device: str | torch.device =
 def as_tensor_obs(obs: dict, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Observation entries as float32 tensors on ``device`` (no copy when they already are)."""
     return {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in obs.items()}
+
+
+SET_BY_THE_RUN = ("seed",)  # options the CLIs fill from the run itself, never flags
+
+
+def option_fields() -> list[tuple[str, Any, Any]]:
+    """One optional field per teacher option in the registry, for ``dataclasses.make_dataclass``: the
+    CLIs' teacher flags. Its help names the agents that have the option and their defaults; an
+    unset flag (None) leaves each agent at its own default."""
+    merged: dict[str, dict[str, Any]] = {}
+    for agent in AGENTS:
+        options = agent_class(agent).Options
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            if f.name in SET_BY_THE_RUN:
+                continue
+            entry = merged.setdefault(f.name, {"type": hints[f.name], "help": f.metadata["help"], "defaults": {}, "choices": []})
+            entry["defaults"][agent] = f.default
+            entry["choices"] += [c for c in f.metadata.get("choices", []) if c not in entry["choices"]]
+    fields = []
+    for option, entry in merged.items():
+        meta = {
+            "help": f"{'/'.join(entry['defaults'])}: {entry['help']}",
+            "default_text": ", ".join(f"{agent} {value}" for agent, value in entry["defaults"].items()),
+        }
+        if entry["choices"]:
+            meta["choices"] = entry["choices"]
+        fields.append((option, typing.Optional[entry["type"]], dataclasses.field(default=None, metadata=meta)))  # noqa: UP045
+    return fields
+
+
+def options_for(agent: str, values: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    """The options of ``agent`` among ``values`` (flag name -> value, None = unset), plus the run's
+    ``seed`` where the agent takes one; a ValueError names an option that was set but does not apply."""
+    own = {f.name for f in dataclasses.fields(agent_class(agent).Options)}
+    foreign = sorted(k for k, v in values.items() if v is not None and k not in own)
+    if foreign:
+        valid = ", ".join(sorted(own - set(SET_BY_THE_RUN))) or "none"
+        raise ValueError(f"option {', '.join(foreign)} does not apply to agent {agent!r} (its options: {valid})")
+    chosen = {k: v for k, v in values.items() if v is not None}
+    if seed is not None and "seed" in own:
+        chosen["seed"] = seed
+    return chosen

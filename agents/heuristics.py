@@ -1,11 +1,15 @@
-"""Non-learned baselines: no teaching, self-paced learning, and small-loss selection."""
+"""Non-learned baselines: no teaching, self-paced learning, small-loss selection, and the ``oracle``
+reference (it reads the corruption mask, so it is a ceiling, never a teacher)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from agents.base import Teacher
 from envs.observation import GLOBAL_FEATURES, SAMPLE_FEATURES
+from runconfig import field
 
 _PROGRESS = [f[0] for f in GLOBAL_FEATURES].index("progress")
 _LOSS = [f[0] for f in SAMPLE_FEATURES].index("loss")
@@ -34,20 +38,27 @@ class UniformTeacher(Teacher):
         return torch.ones(samples.shape[0], device=samples.device)
 
 
+@dataclass
+class SelfPacedOptions:
+    start_fraction: float = field(0.5, "fraction of each batch admitted at the start", above=0.0, high=1.0)
+
+
 class SelfPacedTeacher(Teacher):
     """Self-paced learning (Kumar et al. 2010): train on the easiest samples first, admitting a
     growing fraction, linearly from ``start_fraction`` of each batch to all of it over the episode."""
 
     name = "spl"
-
-    def __init__(self, start_fraction: float = 0.5):
-        if not 0 < start_fraction <= 1:
-            raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction}")
-        super().__init__(start_fraction=start_fraction)
+    Options = SelfPacedOptions
 
     def act(self, obs: dict) -> torch.Tensor:
-        start = self.config["start_fraction"]
+        start = self.options.start_fraction
         return keep_lowest_loss(obs, start + (1 - start) * _progress(obs))
+
+
+@dataclass
+class SmallLossOptions:
+    forget_rate: float = field(0.4, "fraction of the highest-loss samples dropped after warm-up", low=0.0, below=1.0)
+    warmup: float = field(0.1, "fraction of the episode over which the forget rate ramps up", above=0.0, high=1.0)
 
 
 class SmallLossTeacher(Teacher):
@@ -55,12 +66,23 @@ class SmallLossTeacher(Teacher):
     samples of each batch, ramping the rate up linearly over the first ``warmup`` of the episode."""
 
     name = "small_loss"
-
-    def __init__(self, forget_rate: float = 0.4, warmup: float = 0.1):
-        if not 0 <= forget_rate < 1 or not 0 < warmup <= 1:
-            raise ValueError(f"need 0 <= forget_rate < 1 and 0 < warmup <= 1, got {forget_rate} and {warmup}")
-        super().__init__(forget_rate=forget_rate, warmup=warmup)
+    Options = SmallLossOptions
 
     def act(self, obs: dict) -> torch.Tensor:
-        ramp = min(1.0, _progress(obs) / self.config["warmup"])
-        return keep_lowest_loss(obs, 1.0 - self.config["forget_rate"] * ramp)
+        ramp = min(1.0, _progress(obs) / self.options.warmup)
+        return keep_lowest_loss(obs, 1.0 - self.options.forget_rate * ramp)
+
+
+class OracleReference(Teacher):
+    """Not a teacher: weight 1 for every sample whose given label is correct, 0 for a corrupted one,
+    read from the env's diagnostic corruption mask. It shows the headroom of a setting (what perfect
+    separation of clean from corrupted labels buys) and is labelled as a reference in every report."""
+
+    name = "oracle"
+    needs_handle = True
+    reference = True
+
+    def act(self, obs: dict) -> torch.Tensor:
+        if self.handle is None:
+            raise RuntimeError("oracle reads the corruption mask: call teacher.attach(env.unwrapped.handle) first")
+        return (~self.handle.corrupted_in_batch()).float()

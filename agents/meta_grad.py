@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ from torch import nn
 
 from agents.base import Teacher, as_tensor_obs
 from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
+from runconfig import field
 from students.functional import WEIGHT_SUM_EPS, Params, sgd_update
+from students.handle import StudentHandle, Transition
 
 # PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
 # warning is about PyTorch internals, not about anything a user of this package can change.
@@ -85,55 +88,57 @@ class WeightNet(nn.Module):
         return torch.sigmoid(logits - logits.mean() + self.offset)
 
 
+@dataclass
+class MetaGradOptions:
+    """Options of the L2T-DIN teacher (``meta_grad``)."""
+
+    features: str = field("all", "teacher inputs: all = internal + surface, surface, or loss alone", choices=list(FEATURE_SETS))
+    hidden: int = field(64, "hidden units of the teacher network", low=1)
+    layers: int = field(2, "hidden layers of the teacher network", low=1)
+    context: bool = field(True, "each sample's hidden row also sees the batch mean of the hidden rows")
+    unroll: int = field(1, "real student updates B the meta-gradient goes through", low=1)
+    teacher_lr: float = field(3e-3, "teacher learning rate (Adam)", above=0.0)
+    meta_weight_decay: float = field(1e-4, "teacher weight decay (Adam)", low=0.0)
+    val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
+    method: str = field("auto", "meta-gradient path: auto (jvp for B = 1, else graph), jvp, graph, replay", choices=list(METHODS))
+    init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
+    seed: int = field(0, "seeds the teacher network's initialisation", low=0)
+
+
 class MetaGradTeacher(Teacher):
     """L2T-DIN: weights from internal + surface features, trained by exact meta-gradients through
     the last ``unroll`` real student updates."""
 
     name = "meta_grad"
+    kind = "online"
+    Options = MetaGradOptions
+    needs_handle = True
 
-    def __init__(
-        self,
-        features: str = "all",
-        hidden: int = 64,
-        layers: int = 2,
-        context: bool = True,
-        unroll: int = 1,
-        meta_lr: float = 3e-3,
-        meta_weight_decay: float = 1e-4,
-        val_batch: int = 256,
-        method: str = "auto",
-        init_weight: float = 0.9,
-        seed: int = 0,
-    ):
-        if features not in FEATURE_SETS:
-            raise ValueError(f"unknown features {features!r}; valid features: {', '.join(FEATURE_SETS)}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-        if unroll < 1:
-            raise ValueError(f"unroll (B) must be >= 1, got {unroll}")
-        if method == "jvp" and unroll != 1:
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.hp = self.network_options()
+        if self.hp.method == "jvp" and self.hp.unroll != 1:
             raise ValueError(
                 "method 'jvp' computes the one-step (B = 1) meta-gradient; use 'graph', 'replay' or 'auto' for unroll > 1"
             )
-        if not 0 < init_weight < 1:
-            raise ValueError(f"init_weight must be in (0, 1), got {init_weight}")
-        super().__init__(
-            features=features, hidden=hidden, layers=layers, context=context, unroll=unroll, meta_lr=meta_lr,
-            meta_weight_decay=meta_weight_decay, val_batch=val_batch, method=method, init_weight=init_weight, seed=seed,
-        )  # fmt: skip
-        self.hp = dict(self.config)  # every setting; ``config`` holds what re-creates this class
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.net = WeightNet(input_size(features), hidden, layers, context, init_weight)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+            torch.manual_seed(self.hp.seed)
+            self.net = WeightNet(
+                input_size(self.hp.features), self.hp.hidden, self.hp.layers, self.hp.context, self.hp.init_weight
+            )
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.hp.teacher_lr, weight_decay=self.hp.meta_weight_decay)
         self.device = torch.device("cpu")
-        self._window: deque[tuple[Any, torch.Tensor]] = deque()
+        self._window: deque[tuple[Transition, torch.Tensor]] = deque()
         self._pending: torch.Tensor | None = None
+
+    def network_options(self) -> MetaGradOptions:
+        """Every setting of the teacher network and its meta-gradient (special cases fix some)."""
+        return self.options
 
     @property
     def method(self) -> str:
-        chosen = self.hp["method"]
-        return ("jvp" if self.hp["unroll"] == 1 else "graph") if chosen == "auto" else chosen
+        chosen = self.hp.method
+        return ("jvp" if self.hp.unroll == 1 else "graph") if chosen == "auto" else chosen
 
     def to(self, device: torch.device | str) -> MetaGradTeacher:
         self.device = torch.device(device)
@@ -143,7 +148,7 @@ class MetaGradTeacher(Teacher):
     # ------------------------------------------------------------------ acting
     def weights(self, obs: dict) -> torch.Tensor:
         """Weights as a differentiable function of the teacher's parameters."""
-        inputs = teacher_inputs(as_tensor_obs(obs, self.device), self.hp["features"])
+        inputs = teacher_inputs(as_tensor_obs(obs, self.device), self.hp.features)
         return self.net(inputs.to(self.net.out.weight.dtype))
 
     def act(self, obs: dict) -> torch.Tensor:
@@ -154,24 +159,25 @@ class MetaGradTeacher(Teacher):
         return self._pending if self.method == "graph" else self._pending.detach()
 
     # ------------------------------------------------------------------ learning
-    def observe(self, env: Any, reward: float, done: bool, info: dict) -> dict[str, float]:
+    def observe(self, reward: float, done: bool, info: dict) -> dict[str, float]:
         """Queue the update just taken; every B updates (and at episode end) take a meta step."""
         if not self.training or self._pending is None:
             return {}
+        if self.handle is None:
+            raise RuntimeError(f"{self.name} learns through the student: call teacher.attach(env.unwrapped.handle) first")
         weights, self._pending = self._pending, None
         if info.get("diverged"):
             self._window.clear()
-            if env.unwrapped.student is not None:
-                env.unwrapped.detach_student()
+            self.handle.detach()
             return {}
-        self._window.append((env.unwrapped.last_transition, weights))
-        if len(self._window) < self.hp["unroll"] and not done:
+        self._window.append((self.handle.last_transition, weights))
+        if len(self._window) < self.hp.unroll and not done:
             return {}
-        return self.meta_step(env.unwrapped)
+        return self.meta_step()
 
-    def meta_step(self, env: Any) -> dict[str, float]:
+    def meta_step(self) -> dict[str, float]:
         """One Adam step on the teacher from the queued updates; returns the validation loss."""
-        val_loss, grads = self.meta_gradient(env)
+        val_loss, grads = self.meta_gradient()
         if not all(torch.isfinite(g).all() for g in grads):
             return {"meta_loss": val_loss.item(), "meta_skipped": 1.0}  # a diverging student gives no usable signal
         for p, g in zip(self.net.parameters(), grads):
@@ -179,25 +185,26 @@ class MetaGradTeacher(Teacher):
         self.optimizer.step()
         return {"meta_loss": val_loss.item(), "meta_skipped": 0.0}
 
-    def meta_gradient(self, env: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def meta_gradient(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(L_val after the queued updates, its gradient with respect to the teacher's parameters);
         empties the queue (and, for ``graph``, cuts the student's autograd history)."""
+        handle = self.handle
         transitions, weights = zip(*self._window)
         self._window.clear()
-        val_indices = env.val_indices(self.hp["val_batch"])
+        val_indices = handle.val_indices(self.hp.val_batch)
         params = list(self.net.parameters())
         if self.method == "jvp" and len(transitions) == 1:
             last = transitions[0]
             val_loss, weight_grad = weight_gradient(
-                env, last.params, env.params, last.indices, last.lr, val_indices, weights[0].detach()
+                handle, last.params, handle.params, last.indices, last.lr, val_indices, weights[0].detach()
             )
             grads = torch.autograd.grad(weights[0], params, grad_outputs=weight_grad, allow_unused=True)
-        elif self.method == "graph":
-            val_loss = env.val_loss(env.params, val_indices)
+        elif self.method == "graph":  # the env's params carry the graph of the B weighted updates (handle contract)
+            val_loss = handle.val_loss(handle.params, val_indices)
             grads = torch.autograd.grad(val_loss, params, allow_unused=True)
-            env.detach_student()
+            handle.detach()
         else:
-            val_loss = unrolled_val_loss(env, transitions, weights, val_indices)
+            val_loss = unrolled_val_loss(handle, transitions, weights, val_indices)
             grads = torch.autograd.grad(val_loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return val_loss.detach(), grads
@@ -213,7 +220,13 @@ class MetaGradTeacher(Teacher):
 
 
 def weight_gradient(
-    env: Any, before: Params, after: Params, indices: torch.Tensor, lr: float, val_indices: torch.Tensor, weights: torch.Tensor
+    handle: StudentHandle,
+    before: Params,
+    after: Params,
+    indices: torch.Tensor,
+    lr: float,
+    val_indices: torch.Tensor,
+    weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_val(after), dL_val/dw) for one update before -> after of the batch ``indices`` taken with
     ``weights``, without double backward.
@@ -222,7 +235,7 @@ def weight_gradient(
     a_i = <v, grad l_i(before)>: dL_val/dw_i = -(lr / S) (a_i - sum_j w_j a_j / S). The n inner
     products a_i are the tangent of one forward-mode pass of the per-sample losses along v.
     """
-    inner, val_loss = validation_alignment(env, before, after, indices, val_indices)
+    inner, val_loss = validation_alignment(handle, before, after, indices, val_indices)
     total = weights.sum()
     if total <= WEIGHT_SUM_EPS:  # the clamped denominator is a constant there
         return val_loss, -(lr / WEIGHT_SUM_EPS) * inner
@@ -230,28 +243,39 @@ def weight_gradient(
 
 
 def validation_alignment(
-    env: Any, before: Params, after: Params, indices: torch.Tensor, val_indices: torch.Tensor
+    handle: StudentHandle, before: Params, after: Params, indices: torch.Tensor, val_indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, L_val(after)) with a_i = <grad L_val(after), grad l_i(before)> for the samples ``indices``,
     from one forward-mode JVP of the per-sample losses (no double backward)."""
     after = {n: p.detach().requires_grad_() for n, p in after.items()}
-    val_loss = env.val_loss(after, val_indices)
+    val_loss = handle.val_loss(after, val_indices)
     direction = torch.autograd.grad(val_loss, list(after.values()))
     with fwad.dual_level():
         dual = {n: fwad.make_dual(p.detach(), d) for (n, p), d in zip(before.items(), direction)}
-        inner = fwad.unpack_dual(env.per_sample_losses(dual, indices)).tangent
+        inner = fwad.unpack_dual(handle.per_sample_losses(dual, indices)).tangent
     return inner, val_loss.detach()
 
 
-def unrolled_val_loss(env: Any, transitions: tuple, weights: tuple, val_indices: torch.Tensor) -> torch.Tensor:
+def unrolled_val_loss(handle: StudentHandle, transitions: tuple, weights: tuple, val_indices: torch.Tensor) -> torch.Tensor:
     """L_val after replaying ``transitions`` with ``weights``, differentiable in the weights
     (reverse mode through every update: needs double backward)."""
     first = transitions[0]
     params = {n: p.detach().requires_grad_() for n, p in first.params.items()}
     momentum = {n: m.detach() for n, m in first.momentum.items()}
     for transition, w in zip(transitions, weights):
-        params, momentum = env.replay_update(transition, params, momentum, w, create_graph=True)
-    return env.val_loss(params, val_indices)
+        params, momentum = handle.replay_update(transition, params, momentum, w, create_graph=True)
+    return handle.val_loss(params, val_indices)
+
+
+@dataclass
+class MetaWeightNetOptions:
+    """Options of Meta-Weight-Net (``mwnet``)."""
+
+    hidden: int = field(100, "hidden units of the loss -> weight network", low=1)
+    teacher_lr: float = field(3e-3, "teacher learning rate (Adam)", above=0.0)
+    val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
+    init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
+    seed: int = field(0, "seeds the teacher network's initialisation", low=0)
 
 
 class MetaWeightNetTeacher(MetaGradTeacher):
@@ -259,13 +283,17 @@ class MetaWeightNetTeacher(MetaGradTeacher):
     meta-gradient. The same machinery as ``meta_grad`` with surface loss as the only input."""
 
     name = "mwnet"
+    Options = MetaWeightNetOptions
 
-    def __init__(self, hidden: int = 100, meta_lr: float = 3e-3, val_batch: int = 256, init_weight: float = 0.9, seed: int = 0):
-        super().__init__(
-            features="loss", hidden=hidden, layers=1, context=False, unroll=1, meta_lr=meta_lr,
-            val_batch=val_batch, init_weight=init_weight, seed=seed,
-        )  # fmt: skip
-        self.config = dict(hidden=hidden, meta_lr=meta_lr, val_batch=val_batch, init_weight=init_weight, seed=seed)
+    def network_options(self) -> MetaGradOptions:
+        return MetaGradOptions(features="loss", layers=1, context=False, unroll=1, **self.config)
+
+
+@dataclass
+class ReweightOptions:
+    """Options of Learning to Reweight (``l2rw``)."""
+
+    val_batch: int = field(256, "clean validation samples per weighting", low=1)
 
 
 class ReweightTeacher(Teacher):
@@ -277,29 +305,23 @@ class ReweightTeacher(Teacher):
     Its steps rest on the few samples best aligned with the validation batch (an effective batch of
     ~30 of 128), so it wants a smaller student learning rate: at lr 0.1 with momentum 0.9 its MLP
     students on MNIST and mnist1d collapse to chance, at lr 0.02 they train normally (measured).
+    Benchmarks therefore tune the student's rate per agent (``evaluate.py --tune``).
     """
 
     name = "l2rw"
-
-    def __init__(self, val_batch: int = 256):
-        super().__init__(val_batch=val_batch)
-        self.training = True  # it has nothing to freeze: it always computes its weights online
-        self.env: Any = None
-
-    def bind(self, env: Any) -> ReweightTeacher:
-        """``l2rw`` needs the env's differentiable access to compute weights."""
-        self.env = env.unwrapped
-        return self
+    kind = "fixed"  # its weights are computed afresh at every step; nothing is learned or saved
+    Options = ReweightOptions
+    needs_handle = True
 
     def act(self, obs: dict) -> torch.Tensor:
-        if self.env is None:
-            raise RuntimeError("l2rw computes weights from the student itself: call teacher.bind(env) first")
-        env = self.env
+        handle = self.handle
+        if handle is None:
+            raise RuntimeError("l2rw computes weights from the student itself: call teacher.attach(env.unwrapped.handle) first")
         with torch.no_grad():  # the virtual update with all weights 0: momentum and weight decay only
-            zero_grads = {n: torch.zeros_like(p) for n, p in env.params.items()}
-            virtual, _ = sgd_update(env.params, env.momentum, zero_grads, env.lr_now, env.sgd)
-        val_indices = env.val_indices(self.config["val_batch"])
-        inner, _ = validation_alignment(env, env.params, virtual, env.batch_indices, val_indices)
+            zero_grads = {n: torch.zeros_like(p) for n, p in handle.params.items()}
+            virtual, _ = sgd_update(handle.params, handle.momentum, zero_grads, handle.lr_now, handle.sgd)
+        val_indices = handle.val_indices(self.options.val_batch)
+        inner, _ = validation_alignment(handle, handle.params, virtual, handle.batch_indices, val_indices)
         raw = inner.clamp(min=0)  # -dL_val/d(eps_i) at eps = 0 is proportional to the alignment
         top = raw.max()
         return torch.where(top > 0, raw / top.clamp(min=1e-30), torch.zeros_like(raw))

@@ -18,6 +18,7 @@ it, or with one env, b is a moving average of past returns.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -27,6 +28,7 @@ from torch import nn
 
 from agents.base import Teacher, as_tensor_obs
 from agents.meta_grad import input_size, teacher_inputs
+from runconfig import field
 
 SURFACE_FEATURES = ("all", "surface")
 
@@ -59,39 +61,36 @@ def bernoulli_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Ten
     return -nn.functional.binary_cross_entropy_with_logits(logits, actions, reduction="none").sum(-1)
 
 
+@dataclass
+class ReinforceOptions:
+    """Options of the L2T policy-gradient teacher (``reinforce``)."""
+
+    features: str = field("all", "policy inputs: all = internal + surface, or surface", choices=list(SURFACE_FEATURES))
+    hidden: int = field(32, "hidden units of the policy", low=1)
+    teacher_lr: float = field(1e-2, "teacher learning rate (Adam)", above=0.0)
+    baseline_momentum: float = field(0.9, "momentum of the moving-average baseline", low=0.0, below=1.0)
+    init_keep: float = field(0.9, "initial keep probability of every sample", above=0.0, below=1.0)
+    paired: bool = field(True, "the episodes of a round teach identical students (leave-one-out baseline)")
+    seed: int = field(0, "seeds the policy's initialisation and its action draws", low=0)
+
+
 class ReinforceTeacher(Teacher):
     """L2T: Bernoulli keep/drop per sample from a shared policy, trained by REINFORCE with a baseline."""
 
     name = "reinforce"
+    kind = "episodic"
+    Options = ReinforceOptions
 
-    def __init__(
-        self,
-        features: str = "all",
-        hidden: int = 32,
-        lr: float = 1e-2,
-        baseline_momentum: float = 0.9,
-        init_keep: float = 0.9,
-        paired: bool = True,
-        seed: int = 0,
-    ):
-        if features not in SURFACE_FEATURES:
-            raise ValueError(f"unknown features {features!r}; valid features: {', '.join(SURFACE_FEATURES)}")
-        super().__init__(
-            features=features,
-            hidden=hidden,
-            lr=lr,
-            baseline_momentum=baseline_momentum,
-            init_keep=init_keep,
-            paired=paired,
-            seed=seed,
-        )
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        o = self.options
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.policy = KeepPolicy(input_size(features), hidden, init_keep)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+            torch.manual_seed(o.seed)
+            self.policy = KeepPolicy(input_size(o.features), o.hidden, o.init_keep)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=o.teacher_lr)
         self.baseline: float | None = None
         self.rounds = 0
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.generator = torch.Generator().manual_seed(o.seed + 1)
         self.device = torch.device("cpu")
 
     def to(self, device: torch.device | str) -> ReinforceTeacher:
@@ -101,7 +100,7 @@ class ReinforceTeacher(Teacher):
 
     def logits(self, obs: dict) -> torch.Tensor:
         """Keep logits, shape (..., batch_size), for one observation or a stack of them."""
-        return self.policy(teacher_inputs(as_tensor_obs(obs, self.device), self.config["features"]))
+        return self.policy(teacher_inputs(as_tensor_obs(obs, self.device), self.options.features))
 
     def act(self, obs: dict) -> torch.Tensor:
         """Frozen teacher: the policy's mean action, each sample's keep probability, as its weight
@@ -139,10 +138,28 @@ class ReinforceTeacher(Teacher):
         finally:
             envs.close()
 
+    def train_episodes(
+        self, make_env: Callable[[], gym.Env], steps: int, done_steps: int, n_envs: int,
+        report: Callable[[int, dict[str, Any]], None], log_dir: str | None = None,
+    ) -> None:  # fmt: skip
+        """Rounds of ``n_envs`` episodes until the student updates actually taken reach ``steps``
+        (episodes that reach the threshold end early, so rounds differ in length)."""
+        taken = [done_steps]
+
+        def after_round(rounds: int, stats: dict[str, Any]) -> bool:
+            taken[0] += int(round(stats["episode_steps"] * n_envs))
+            record = {f"teacher/{k}": v for k, v in stats.items() if k not in ("val_acc", "test_acc")}
+            record.update({f"student/{k}": stats[k] for k in ("val_acc", "test_acc") if k in stats})
+            report(min(taken[0], steps), {**record, "episode": rounds * n_envs})
+            return taken[0] < steps
+
+        # every round takes at least one update per env, so ``steps`` rounds is an upper bound
+        self.learn(make_env, rounds=steps, n_envs=n_envs, seed=self.options.seed, callback=after_round)
+
     def learn_round(self, envs: gym.vector.VectorEnv, seed: int) -> dict[str, Any]:
         """Run one episode in every env of ``envs``, then take one REINFORCE step."""
         n = envs.num_envs
-        obs, infos = envs.reset(seed=[seed if self.config["paired"] else seed + i for i in range(n)])
+        obs, infos = envs.reset(seed=[seed if self.options.paired else seed + i for i in range(n)])
         trajectories: list[list[tuple[dict, torch.Tensor]]] = [[] for _ in range(n)]
         returns, active = np.zeros(n), np.ones(n, bool)
         finals: list[dict] = [{} for _ in range(n)]
@@ -162,7 +179,7 @@ class ReinforceTeacher(Teacher):
         self.optimizer.zero_grad(set_to_none=True)
         reinforce_loss(log_probs, returns_t, self._baselines(returns)).backward()
         self.optimizer.step()
-        beta = self.config["baseline_momentum"]
+        beta = self.options.baseline_momentum
         self.baseline = (
             float(returns.mean()) if self.baseline is None else self.baseline * beta + (1 - beta) * float(returns.mean())
         )
@@ -177,7 +194,7 @@ class ReinforceTeacher(Teacher):
         """Per-episode baselines: with paired episodes, the mean return of the round's other episodes
         (same student, other actions); otherwise the moving average of past returns."""
         n = len(returns)
-        if self.config["paired"] and n > 1:
+        if self.options.paired and n > 1:
             values = (returns.sum() - returns) / (n - 1)
         else:
             values = np.full(n, returns.mean() if self.baseline is None else self.baseline)

@@ -11,6 +11,7 @@ through ``agents.load_teacher`` like every other teacher.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -28,6 +29,7 @@ from torch import nn
 from agents.base import Teacher
 from agents.meta_grad import input_size, teacher_inputs
 from envs.observation import FEATURE_TABLES, observation_box
+from runconfig import field
 
 ALGORITHMS = {"PPO": PPO, "A2C": A2C}
 
@@ -103,41 +105,44 @@ def teaching_spaces(batch_size: int) -> tuple[spaces.Dict, spaces.Box]:
     return obs, spaces.Box(0.0, 1.0, (batch_size,), np.float32)
 
 
+@dataclass
+class SB3Options:
+    """Options of the stable-baselines3 teachers (``ppo``, ``a2c``)."""
+
+    features: str = field("all", "policy inputs: all = internal + surface, or surface", choices=["all", "surface"])
+    hidden: int = field(32, "hidden units of the per-sample policy", low=1)
+    teacher_lr: float = field(3e-4, "teacher learning rate (SB3's learning_rate)", above=0.0)
+    n_steps: int = field(256, "SB3 rollout length per env before each update", low=1)
+    minibatch_size: int = field(64, "ppo: SB3 minibatch size (SB3's batch_size)", low=1)
+    n_epochs: int = field(5, "ppo: SB3 optimisation epochs per rollout", low=1)
+    gamma: float = field(1.0, "SB3 discount factor", low=0.0, high=1.0)
+    log_std_init: float = field(-1.0, "initial log standard deviation of the Gaussian actions")
+    seed: int = field(0, "seeds SB3 (policy initialisation, actions, envs)", low=0)
+
+
 class SB3Teacher(Teacher):
     """A stable-baselines3 on-policy algorithm with the per-sample policy."""
 
     name = "sb3"
+    kind = "episodic"
+    Options = SB3Options
     needs_batch_size = True  # the policy's action and value heads are tied to the batch it was built for
     algorithm = "PPO"
 
-    def __init__(
-        self,
-        features: str = "all",
-        hidden: int = 32,
-        learning_rate: float = 3e-4,
-        n_steps: int = 256,
-        batch_size: int = 64,
-        n_epochs: int = 5,
-        gamma: float = 1.0,
-        log_std_init: float = -1.0,
-        seed: int = 0,
-    ):
-        super().__init__(
-            features=features, hidden=hidden, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size,
-            n_epochs=n_epochs, gamma=gamma, log_std_init=log_std_init, seed=seed,
-        )  # fmt: skip
+    def __init__(self, **options: Any):
+        super().__init__(**options)
         self.model: Any = None
         self.policy: PerSamplePolicy | None = None
 
     def _algorithm_kwargs(self) -> dict[str, Any]:
-        c = self.config
-        kwargs = dict(learning_rate=c["learning_rate"], n_steps=c["n_steps"], gamma=c["gamma"], seed=c["seed"])
+        o = self.options
+        kwargs = dict(learning_rate=o.teacher_lr, n_steps=o.n_steps, gamma=o.gamma, seed=o.seed)
         if self.algorithm == "PPO":
-            kwargs.update(batch_size=c["batch_size"], n_epochs=c["n_epochs"])
+            kwargs.update(batch_size=o.minibatch_size, n_epochs=o.n_epochs)
         return kwargs
 
     def _policy_kwargs(self) -> dict[str, Any]:
-        return {"features": self.config["features"], "hidden": self.config["hidden"], "log_std_init": self.config["log_std_init"]}
+        return {"features": self.options.features, "hidden": self.options.hidden, "log_std_init": self.options.log_std_init}
 
     def learn(
         self, make_env: Callable[[], gym.Env], total_timesteps: int, n_envs: int = 1, tensorboard_log: str | None = None,
@@ -145,7 +150,7 @@ class SB3Teacher(Teacher):
     ) -> None:  # fmt: skip
         """Train with SB3 on ``n_envs`` envs (subprocesses when > 1), continuing a loaded policy."""
         vec_cls = SubprocVecEnv if n_envs > 1 else DummyVecEnv
-        vec = make_vec_env(make_env, n_envs=n_envs, seed=self.config["seed"], vec_env_cls=vec_cls)
+        vec = make_vec_env(make_env, n_envs=n_envs, seed=self.options.seed, vec_env_cls=vec_cls)
         cls = ALGORITHMS[self.algorithm]
         self.model = cls(
             PerSamplePolicy,
@@ -162,6 +167,15 @@ class SB3Teacher(Teacher):
             self.model.learn(total_timesteps=total_timesteps, callback=callback, tb_log_name=self.name, reset_num_timesteps=True)
         finally:
             vec.close()
+
+    def train_episodes(
+        self, make_env: Callable[[], gym.Env], steps: int, done_steps: int, n_envs: int,
+        report: Callable[[int, dict[str, Any]], None], log_dir: str | None = None,
+    ) -> None:  # fmt: skip
+        """SB3's ``learn`` for the remaining updates, reporting every finished episode."""
+        self.learn(
+            make_env, max(0, steps - done_steps), n_envs, tensorboard_log=log_dir, callback=ProgressCallback(report, done_steps)
+        )
 
     def act(self, obs: dict) -> torch.Tensor:
         if self.policy is None:
@@ -181,13 +195,10 @@ class SB3Teacher(Teacher):
         if self.trained_on is None:
             raise ValueError("an SB3 teacher's checkpoint needs its observation spec (batch size) to rebuild the policy")
         obs_space, action_space = teaching_spaces(self.trained_on["batch_size"])
-        self.policy = PerSamplePolicy(obs_space, action_space, lambda _: self.config["learning_rate"], **self._policy_kwargs())
+        self.policy = PerSamplePolicy(obs_space, action_space, lambda _: self.options.teacher_lr, **self._policy_kwargs())
         self.policy.load_state_dict(state["policy"])
         self.policy.optimizer.load_state_dict(state["optimizer"])
         self.policy.set_training_mode(False)
-
-    def to(self, device: torch.device | str) -> SB3Teacher:
-        return self  # SB3 places its policy itself; acting runs on the CPU
 
 
 class ProgressCallback(BaseCallback):

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents import make_agent  # noqa: E402
+from agents.loop import Callback, TeachingRun, start, teach  # noqa: E402
 from benchmarks.common import machine, save  # noqa: E402
 from envs import env_factory  # noqa: E402
 
@@ -31,25 +32,27 @@ def rss_mib() -> float:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
-def soak(steps: int, teacher_name: str | None) -> dict:
-    env = env_factory(horizon=EPISODE, eval_every=200, tensor_obs=True, disable_env_checker=True)()
-    teacher = make_agent(teacher_name).train() if teacher_name else None
-    obs, _ = env.reset(seed=0)
-    ones = torch.ones(env.unwrapped.batch_size)
-    readings, warm = {}, int(steps * WARMUP_FRACTION)
-    for step in range(1, steps + 1):
-        weights = teacher.act(obs) if teacher else ones
-        obs, reward, terminated, truncated, info = env.step(weights)
-        if teacher:
-            teacher.observe(env, reward, terminated, info)
-        if terminated or truncated:
-            obs, _ = env.reset()
-        if step in (warm, steps):
+class RSSReadings(Callback):
+    """Resident memory after the warm-up and at the end."""
+
+    def __init__(self, at: tuple[int, ...]):
+        self.at, self.readings = at, {}
+
+    def on_step(self, run: TeachingRun) -> None:
+        if run.step in self.at:
             gc.collect()
-            readings[step] = rss_mib()
-    start, end = readings[warm], readings[steps]
-    return {"what": teacher_name or "env, uniform weights", "steps": steps, "rss_after_warmup_mib": start, "rss_end_mib": end,
-            "growth_percent": 100 * (end - start) / start}  # fmt: skip
+            self.readings[run.step] = rss_mib()
+
+
+def soak(steps: int, teacher_name: str) -> dict:
+    env = env_factory(horizon=EPISODE, eval_every=200, tensor_obs=True, disable_env_checker=True)()
+    teacher = make_agent(teacher_name)
+    warm = int(steps * WARMUP_FRACTION)
+    rss = RSSReadings((warm, steps))
+    teach(start(env, teacher.train(teacher.kind == "online"), seed=0), steps, [rss], episode_seed=lambda episode: episode)
+    start_mib, end = rss.readings[warm], rss.readings[steps]
+    return {"what": teacher_name, "steps": steps, "rss_after_warmup_mib": start_mib, "rss_end_mib": end,
+            "growth_percent": 100 * (end - start_mib) / start_mib}  # fmt: skip
 
 
 def main() -> None:
@@ -58,7 +61,7 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=int, default=5_000)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
-    results = [soak(args.env_steps, None), soak(args.meta_steps, "meta_grad")]
+    results = [soak(args.env_steps, "uniform"), soak(args.meta_steps, "meta_grad")]
     for r in results:
         verdict = "ok" if r["growth_percent"] < 5 else "GROWS"
         print(

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import students.data  # noqa: E402
 from agents import make_agent  # noqa: E402
+from agents.loop import start, teach  # noqa: E402
 from benchmarks.common import DATA_ROOT, interleaved, machine, plain_training_step, save, sync  # noqa: E402
 from envs import env_factory  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
@@ -57,22 +58,11 @@ def make_env(config: dict, batch_size: int, device: torch.device):
 
 
 def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, device: torch.device):
-    """A closure doing one full teaching step on its own env and teacher."""
-    env, obs = make_env(config, batch_size, device)
-    teacher = make_agent(agent, **({**kwargs, "val_batch": batch_size} if agent != "l2rw" else {"val_batch": batch_size}))
-    if hasattr(teacher, "to"):
-        teacher.to(device)
-    if hasattr(teacher, "bind"):
-        teacher.bind(env)
-    teacher.train()
-    state = {"obs": obs}
-
-    def step() -> None:
-        weights = teacher.act(state["obs"])
-        state["obs"], reward, terminated, truncated, info = env.step(weights)
-        teacher.observe(env, reward, terminated, info)
-
-    return step
+    """A closure doing one full teaching step (``agents.loop.teach``) on its own env and teacher."""
+    env, _ = make_env(config, batch_size, device)
+    teacher = make_agent(agent, **kwargs, val_batch=batch_size).to(device)
+    run = start(env, teacher.train(teacher.kind == "online"), seed=0)
+    return lambda: teach(run, 1)
 
 
 def peak_memory(step, calls: int, device: torch.device) -> float | None:

@@ -5,7 +5,7 @@ import functools
 import gymnasium as gym
 from gymnasium.envs.registration import register, registry
 
-from envs.teaching import TeachingEnv, Transition
+from envs.teaching import TeachingEnv
 
 __version__ = "0.1.0"
 
@@ -19,4 +19,4 @@ def env_factory(**kwargs) -> functools.partial:
     return functools.partial(gym.make, "envs:Teaching-v0", **kwargs)
 
 
-__all__ = ["TeachingEnv", "Transition", "env_factory"]
+__all__ = ["TeachingEnv", "env_factory"]

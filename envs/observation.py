@@ -88,6 +88,10 @@ class ObservationBuilder:
         self.centroids = [c.to(device) if c.numel() else None for c in state["centroids"]]
         self.train_loss, self.train_acc = state["train_loss"].to(device), state["train_acc"].to(device)
 
+    def running_train_stats(self) -> dict[str, float]:
+        """Running (EMA) training loss and accuracy of the batches seen, with the given labels."""
+        return {"train_loss": float(self.train_loss), "train_acc": float(self.train_acc)}
+
     def samples(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Per-sample surface features (batch, F); also folds the batch into the running statistics."""
         log_probs = F.log_softmax(logits.float(), dim=1)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -14,21 +14,12 @@ from gymnasium import spaces
 from envs.observation import FEATURE_TABLES, ObservationBuilder, clip_to_bounds, feature_bounds, observation_box
 from envs.rewards import make_reward
 from students.data import BatchSampler, load_dataset
-from students.functional import LR_SCHEDULES, FunctionalStudent, Params, SGDConfig, sgd_update
+from students.functional import LR_SCHEDULES, FunctionalStudent, SGDConfig
+from students.handle import StudentHandle
 from students.models import make_student
 from students.noise import corrupt_labels
 
 EVAL_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class Transition:
-    """What one real student update started from; a meta-gradient teacher replays it differentiably."""
-
-    params: Params  # parameters before the update
-    momentum: Params  # momentum buffers before the update
-    indices: torch.Tensor  # the batch, as indices into the training split
-    lr: float  # the learning rate the update used
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -56,7 +47,7 @@ class TeachingEnv(gym.Env):
     shape, with NaN or inf, or outside [0, 1] raises ``ValueError`` before anything changes.
     A torch action that requires grad makes the update a differentiable function of it (the new
     parameters keep the graph), so a teacher can back-propagate through real updates; it then calls
-    ``detach_student()`` to cut that history.
+    ``handle.detach()`` to cut that history.
 
     ## Observation Space
     ``Dict`` of float32 arrays whose shapes do not depend on the student:
@@ -89,13 +80,13 @@ class TeachingEnv(gym.Env):
     ## info
     ``step``, ``epoch``, ``lr``, ``diverged``; ``indices`` and ``corrupted`` (which given labels of
     the observed batch are wrong: for diagnostics only, never part of the observation); after each
-    evaluation ``val_loss``, ``val_acc``, ``test_acc``.
+    evaluation ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` and the running ``train_loss``,
+    ``train_acc`` of the updates since the last one.
 
     ## Differentiable access (beyond the Gym API)
-    ``params``, ``buffers``, ``momentum``, ``batch_indices``, ``last_transition``, ``sgd``,
-    ``lr_now``, ``per_sample_losses``, ``replay_update``, ``detach_student``, ``val_indices`` and ``val_loss`` let a
-    meta-gradient teacher compute the validation loss after student updates as a differentiable
-    function of the weights it proposed.
+    ``handle`` (a ``students.handle.StudentHandle``, one for the env's life) holds the student's
+    functional state and lets a meta-gradient teacher compute the validation loss after student
+    updates as a differentiable function of the weights it proposed.
 
     ## Version History
     * v0: initial version.
@@ -151,7 +142,7 @@ class TeachingEnv(gym.Env):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.device, self.dtype = resolve_device(device), getattr(torch, dtype)
         self.data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download).to(self.dtype)
-        self.noisy_labels, self.corrupted = corrupt_labels(self.data.train.y, self.data.num_classes, noise, noise_rate, seed)
+        noisy_labels, corrupted = corrupt_labels(self.data.train.y, self.data.num_classes, noise, noise_rate, seed)
         self.student_name, self.student_kwargs = student, dict(student_kwargs or {})
         make_student(student, self.data.input_shape, self.data.num_classes, **self.student_kwargs)  # refuse misfits now
         if not 0 < batch_size <= len(self.data.train):
@@ -164,6 +155,7 @@ class TeachingEnv(gym.Env):
         )  # fmt: skip
         self.batch_size, self.horizon, self.eval_every, self.seed = batch_size, horizon, eval_every, seed
         self.sgd = SGDConfig(lr, momentum, weight_decay, lr_schedule)
+        self.handle = StudentHandle(self.data, noisy_labels, corrupted, self.sgd)
         self.reward_fn = make_reward(reward, horizon, self.data.num_classes, threshold)
         self.tensor_obs, self.divergence_penalty = tensor_obs, divergence_penalty
         self.action_space = spaces.Box(0.0, 1.0, (batch_size,), np.float32)
@@ -173,9 +165,8 @@ class TeachingEnv(gym.Env):
         self._bounds = {
             k: tuple(torch.as_tensor(b, device=self.device) for b in feature_bounds(t)) for k, t in FEATURE_TABLES.items()
         }
-        self._val_generator = torch.Generator().manual_seed(seed + 1)
         self._seeded = False
-        self.student: FunctionalStudent | None = None
+        self.t, self._has_diverged = 0, False
 
     # ----------------------------------------------------------------------------- Gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
@@ -187,22 +178,19 @@ class TeachingEnv(gym.Env):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(student_seed)
             model = make_student(self.student_name, self.data.input_shape, self.data.num_classes, **self.student_kwargs)
-        self.student = FunctionalStudent(model.to(self.device, self.dtype))
-        params, self.buffers = self.student.initial_state()
-        self.params = {n: p.requires_grad_() for n, p in params.items()}
-        self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.handle.start(FunctionalStudent(model.to(self.device, self.dtype)), val_seed=self.seed + 1)
         self.sampler = BatchSampler(len(self.data.train), self.batch_size, order_seed, self.device)
         self.features = ObservationBuilder(len(self.data.train), self.data.num_classes, self.device)
         self.reward_fn.reset()
-        self.t, self._has_diverged = 0, False
-        self.last_transition: Transition | None = None
+        self._set_step(0)
+        self._has_diverged = False
         chance = 1.0 / self.data.num_classes
         self.val_loss_last, self.val_acc_last, self.best_val_acc = float(np.log(self.data.num_classes)), chance, chance
         obs = self._observe()
         return obs, self._info(diverged=False)
 
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
-        if self.student is None:
+        if self.handle.student is None:
             raise RuntimeError("TeachingEnv.step() called before reset(); call env.reset() first")
         if self.t >= self.horizon or self._has_diverged:
             raise RuntimeError("TeachingEnv.step() called after the episode ended; call env.reset() first")
@@ -210,16 +198,9 @@ class TeachingEnv(gym.Env):
         differentiable = isinstance(action, torch.Tensor) and action.requires_grad
         if differentiable:  # keep the action's graph: the update becomes a differentiable function of it
             weights = action.to(self.device, self.dtype)
-        loss = FunctionalStudent.weighted_loss(self._losses, weights)
-        if not torch.isfinite(loss):
+        if not self.handle.update(weights, differentiable):
             return self._diverge()
-        grads = dict(zip(self.params, torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)))
-        lr = self.lr_now
-        self.last_transition = Transition(self.params, self.momentum, self.batch_indices, lr)
-        with torch.set_grad_enabled(differentiable):
-            params, self.momentum = sgd_update(self.params, self.momentum, grads, lr, self.sgd)
-        self.params = params if differentiable else {n: p.requires_grad_() for n, p in params.items()}
-        self.t += 1
+        self._set_step(self.t + 1)
         reward, terminated, evaluation = 0.0, self.t >= self.horizon, {}
         if self.t % self.eval_every == 0 or terminated:
             evaluation = self.evaluate()
@@ -233,6 +214,8 @@ class TeachingEnv(gym.Env):
             obs = self._observe()
             if obs is None:
                 return self._diverge()
+        if evaluation:  # the running train statistics include the batch just observed
+            evaluation.update(self.features.running_train_stats())
         return obs, float(reward), terminated, False, {**self._info(diverged=False), **evaluation}
 
     # ----------------------------------------------------------------------------- internals
@@ -258,18 +241,16 @@ class TeachingEnv(gym.Env):
     def _observe(self, final: bool = False) -> dict | None:
         """Forward the next batch (its graph is kept for the update) and build the observation."""
         if final:
-            self._losses = None
+            self.handle.batch_losses = None
             return self._convert(self._zero_obs())
-        self.batch_indices = self.sampler.next()
-        x, y = self.data.train.x[self.batch_indices], self.noisy_labels[self.batch_indices]
-        logits, hidden = self.student.forward(self.params, self.buffers, x, train=True)
-        self._losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        indices = self.sampler.next()
+        logits, hidden, y = self.handle.forward_batch(indices)
         detached = logits.detach()
         if not torch.isfinite(detached).all():
             return None
         raw = {
             "global": self._global_features(),
-            "samples": self.features.samples(detached, y, self.batch_indices),
+            "samples": self.features.samples(detached, y, indices),
             "internal": self.features.internal(list(hidden.values()), y),
         }
         self._last_obs = {key: clip_to_bounds(value, self._bounds[key]) for key, value in raw.items()}
@@ -281,7 +262,7 @@ class TeachingEnv(gym.Env):
         host = torch.tensor(
             [
                 self.t / self.horizon,
-                self.lr_now / self.sgd.lr,
+                self.handle.lr_now / self.sgd.lr,
                 self.val_loss_last,
                 self.val_acc_last,
                 self.best_val_acc,
@@ -301,118 +282,78 @@ class TeachingEnv(gym.Env):
         return {k: v.detach().cpu().numpy() for k, v in obs.items()}
 
     def _diverge(self) -> tuple[dict, float, bool, bool, dict]:
-        self._has_diverged, self._losses = True, None
+        self._has_diverged, self.handle.batch_losses = True, None
         return self._convert(self._zero_obs()), float(self.divergence_penalty), True, False, self._info(diverged=True)
 
     def _info(self, diverged: bool) -> dict:
-        info = {"step": self.t, "epoch": self.sampler.epoch, "lr": self.lr_now, "diverged": diverged}
-        if self._losses is not None:
-            corrupted = self.corrupted[self.batch_indices]
+        info = {"step": self.t, "epoch": self.sampler.epoch, "lr": self.handle.lr_now, "diverged": diverged}
+        if self.episode_in_progress:
+            indices, corrupted = self.handle.batch_indices, self.handle.corrupted_in_batch()
             info["indices"], info["corrupted"] = (
-                (self.batch_indices, corrupted)
-                if self.tensor_obs
-                else (self.batch_indices.cpu().numpy(), corrupted.cpu().numpy())
+                (indices, corrupted) if self.tensor_obs else (indices.cpu().numpy(), corrupted.cpu().numpy())
             )
         return info
+
+    @property
+    def episode_in_progress(self) -> bool:
+        """True between ``reset`` and the episode's end (a batch is waiting for its update)."""
+        return self.handle.batch_losses is not None
+
+    def _set_step(self, t: int) -> None:
+        """Advance the episode's clock; the handle learns the learning rate of the next update."""
+        self.t = t
+        self.handle.lr_now = self.sgd.lr_at(t, self.horizon)
 
     # ----------------------------------------------------------------------------- checkpointing
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without autograd history; the current batch's losses are recomputed on unpickling."""
         state = self.__dict__.copy()
-        if self.student is not None:
-            state["params"] = {n: p.detach() for n, p in self.params.items()}
-            state["momentum"] = {n: m.detach() for n, m in self.momentum.items()}
-        state["_losses"], state["last_transition"] = None, None
-        state["_mid_episode"] = self.__dict__.get("_losses") is not None
+        handle = state["handle"] = copy.copy(self.handle)
+        handle.params = {n: p.detach() for n, p in self.handle.params.items()}
+        handle.momentum = {n: m.detach() for n, m in self.handle.momentum.items()}
+        handle.batch_losses, handle.last_transition = None, None
+        state["_mid_episode"] = self.episode_in_progress
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         mid_episode = state.pop("_mid_episode")
         self.__dict__.update(state)
-        if self.student is not None:
-            self.params = {n: p.requires_grad_() for n, p in self.params.items()}
+        handle = self.handle
+        handle.params = {n: p.requires_grad_() for n, p in handle.params.items()}
         if mid_episode:
-            self._losses = self.per_sample_losses(self.params, self.batch_indices)
+            handle.batch_losses = handle.per_sample_losses(handle.params, handle.batch_indices)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything an episode in progress depends on, as tensors and plain values (CPU), so that a
         run restored with ``load_state_dict`` continues exactly as if never interrupted."""
-        if self.student is None or self._losses is None:
+        if not self.episode_in_progress:
             raise RuntimeError("TeachingEnv.state_dict() needs an episode in progress (after reset, before its end)")
-        cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}
         return {
-            "config": dict(self.config),
-            "params": cpu(self.params), "buffers": cpu(self.buffers), "momentum": cpu(self.momentum),
+            "config": dict(self.config), "student": self.handle.state_dict(),
             "t": self.t, "np_random": self.np_random.bit_generator.state,
             "sampler": self.sampler.state_dict(), "features": self.features.state_dict(),
-            "reward": dict(vars(self.reward_fn)), "val_generator": self._val_generator.get_state(),
-            "val": [self.val_loss_last, self.val_acc_last, self.best_val_acc],
-            "batch_indices": self.batch_indices.cpu(), "obs": cpu(self._last_obs),
+            "reward": dict(vars(self.reward_fn)), "val": [self.val_loss_last, self.val_acc_last, self.best_val_acc],
+            "obs": {k: v.detach().cpu().clone() for k, v in self._last_obs.items()},
         }  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, Any]) -> dict:
-        """Restore an episode saved by ``state_dict`` (same env config); returns its observation."""
+    def load_state_dict(self, state: dict[str, Any]) -> tuple[dict, dict]:
+        """Restore an episode saved by ``state_dict`` (same env config); returns what ``reset``
+        returns: its observation and info."""
         if state["config"] != self.config:
             changed = sorted(k for k in self.config if state["config"].get(k) != self.config[k])
             raise ValueError(f"saved env state was made with a different config (differs in: {', '.join(changed)})")
-        if self.student is None:
+        if self.handle.student is None:
             self.reset()
-        device = lambda d: {k: v.to(self.device) for k, v in d.items()}
-        self.params = {k: v.requires_grad_() for k, v in device(state["params"]).items()}
-        self.buffers, self.momentum = device(state["buffers"]), device(state["momentum"])
-        self.t, self._has_diverged, self.last_transition = state["t"], False, None
+        self._set_step(state["t"])
+        self._has_diverged = False
         self.np_random.bit_generator.state = state["np_random"]
         self.sampler.load_state_dict(state["sampler"])
         self.features.load_state_dict(state["features"])
         vars(self.reward_fn).update(state["reward"])
-        self._val_generator.set_state(state["val_generator"])
         self.val_loss_last, self.val_acc_last, self.best_val_acc = state["val"]
-        self.batch_indices = state["batch_indices"].to(self.device)
-        x, y = self.data.train.x[self.batch_indices], self.noisy_labels[self.batch_indices]
-        scratch = {k: v.clone() for k, v in self.buffers.items()}  # the saved buffers already saw this batch
-        logits, _ = self.student.forward(self.params, scratch, x, train=True)
-        self._losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        self._last_obs = device(state["obs"])
-        return self._convert(self._last_obs)
-
-    # ----------------------------------------------------------------------------- functional access
-    @property
-    def lr_now(self) -> float:
-        """Learning rate of the next update."""
-        return self.sgd.lr_at(self.t, self.horizon)
-
-    def detach_student(self) -> None:
-        """Cut the autograd history that differentiable steps left on the student's state (after a
-        teacher back-propagated through them); the current batch's losses are recomputed from the
-        detached parameters (BatchNorm statistics untouched)."""
-        self.params = {n: p.detach().requires_grad_() for n, p in self.params.items()}
-        self.momentum = {n: m.detach() for n, m in self.momentum.items()}
-        if self._losses is not None:
-            self._losses = self.per_sample_losses(self.params, self.batch_indices)
-
-    def per_sample_losses(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
-        """Training losses of the samples ``indices`` under ``params`` (train mode, so BatchNorm uses
-        batch statistics; the running statistics are left untouched)."""
-        return self.student.per_sample_losses(params, self.buffers, self.data.train.x[indices], self.noisy_labels[indices])
-
-    def replay_update(
-        self, transition: Transition, params: Params, momentum: Params, weights: torch.Tensor, create_graph: bool
-    ) -> tuple[Params, Params]:
-        """The update of ``transition`` applied to ``params``/``momentum`` with ``weights``, as a
-        differentiable function (the same operations as the real step)."""
-        losses = self.per_sample_losses(params, transition.indices)
-        loss = FunctionalStudent.weighted_loss(losses, weights)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-        return sgd_update(params, momentum, dict(zip(params, grads)), transition.lr, self.sgd)
-
-    def val_indices(self, size: int) -> torch.Tensor:
-        """A random batch of ``size`` clean validation indices (seeded by the env's ``seed``)."""
-        size = min(size, len(self.data.val))
-        return torch.randperm(len(self.data.val), generator=self._val_generator)[:size].to(self.device)
-
-    def val_loss(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
-        """Mean clean validation loss of ``indices`` under ``params`` (train mode, buffers untouched)."""
-        return self.student.per_sample_losses(params, self.buffers, self.data.val.x[indices], self.data.val.y[indices]).mean()
+        self.handle.load_state_dict(state["student"], self.device)
+        self._last_obs = {k: v.to(self.device) for k, v in state["obs"].items()}
+        return self._convert(self._last_obs), self._info(diverged=False)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -422,7 +363,7 @@ class TeachingEnv(gym.Env):
             loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
             for start in range(0, len(split), EVAL_CHUNK):
                 x, y = split.x[start : start + EVAL_CHUNK], split.y[start : start + EVAL_CHUNK]
-                logits, _ = self.student.forward(self.params, self.buffers, x, train=False)
+                logits, _ = self.handle.student.forward(self.handle.params, self.handle.buffers, x, train=False)
                 loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
                 correct += (logits.argmax(1) == y).sum()
             out[f"{split_name}_loss"], out[f"{split_name}_acc"] = (loss_sum / len(split)).item(), (correct / len(split)).item()

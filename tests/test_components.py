@@ -69,7 +69,7 @@ def test_small_loss_teacher_drops_the_highest_losses_after_warmup():
 
 def test_unknown_agent_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid agents: " + ", ".join(AGENTS)):
-        make_agent("oracle")
+        make_agent("teacher9000")
 
 
 def test_auroc_against_hand_computed_values():

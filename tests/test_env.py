@@ -62,26 +62,27 @@ def test_uniform_weights_reproduce_a_plain_pytorch_loop():
     env.reset(seed=7)
     unwrapped = env.unwrapped
     model = make_student("mlp", (1, 8, 8), 10, hidden=[16, 12])
-    model.load_state_dict({k: v.detach().clone() for k, v in unwrapped.params.items()})
+    model.load_state_dict({k: v.detach().clone() for k, v in unwrapped.handle.params.items()})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for _ in range(50):
-        batch = unwrapped.batch_indices.clone()
+        batch = unwrapped.handle.batch_indices.clone()
         env.step(np.ones(16, np.float32))
         optimizer.zero_grad()
         logits, _ = model(unwrapped.data.train.x[batch])
-        F.cross_entropy(logits, unwrapped.noisy_labels[batch]).backward()
+        F.cross_entropy(logits, unwrapped.handle.noisy_labels[batch]).backward()
         optimizer.step()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(unwrapped.params[name].detach(), p.detach(), atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(unwrapped.handle.params[name].detach(), p.detach(), atol=1e-6, rtol=0, msg=name)
 
 
 def test_validation_and_test_labels_stay_clean_and_mask_matches():
     env = make_env(noise="pairflip", noise_rate=0.4).unwrapped
     data = load_dataset("digits", val_size=200, seed=0)
     assert torch.equal(env.data.val.y, data.val.y) and torch.equal(env.data.test.y, data.test.y)
-    assert torch.equal(env.corrupted, env.noisy_labels != data.train.y)
+    handle = env.handle
+    assert torch.equal(handle.corrupted, handle.noisy_labels != data.train.y)
     _, info = env.reset(seed=0)
-    assert np.array_equal(info["corrupted"], env.corrupted[env.batch_indices].numpy())
+    assert np.array_equal(info["corrupted"], handle.corrupted[handle.batch_indices].numpy())
 
 
 def _trajectory(seed: int, steps: int = 15) -> list[np.ndarray]:
@@ -119,12 +120,12 @@ def test_same_seed_same_trajectory_different_seed_different():
 def test_invalid_actions_raise_and_leave_the_student_untouched(action, match):
     env = make_env()
     env.reset(seed=0)
-    before = {k: v.detach().clone() for k, v in env.unwrapped.params.items()}
+    before = {k: v.detach().clone() for k, v in env.unwrapped.handle.params.items()}
     t = env.unwrapped.t
     with pytest.raises(ValueError, match=match):
         env.unwrapped.step(action)
     assert env.unwrapped.t == t
-    assert all(torch.equal(before[k], v) for k, v in env.unwrapped.params.items())
+    assert all(torch.equal(before[k], v) for k, v in env.unwrapped.handle.params.items())
     env.unwrapped.step(np.ones(16, np.float32))  # and the env still works
 
 
@@ -232,7 +233,7 @@ def test_internal_features_unchanged_by_a_permutation_folded_into_the_weights():
     state = env.unwrapped.state_dict()
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
     for group in ("params", "momentum"):
-        p = state[group]
+        p = state["student"][group]
         p["layers.1.weight"], p["layers.1.bias"], p["head.weight"] = (
             p["layers.1.weight"][perm],
             p["layers.1.bias"][perm],

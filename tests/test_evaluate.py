@@ -119,7 +119,7 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--agents", "uniform,oracle"], "unknown agent 'oracle'"),
+        (["--agents", "uniform,teacher9000"], "unknown agent 'teacher9000'"),
         (["--agents", "ppo"], "cannot start untrained"),
         (["--agents", "", "--teachers", ""], "nothing to evaluate"),
         (["--teachers", "runs/does-not-exist"], "does not exist"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from agents import make_agent
-from agents.diagnostics import auroc
+from agents.loop import TeacherScalars, WeightStats, start, teach
 from agents.meta_grad import MetaGradTeacher, unrolled_val_loss, weight_gradient
 from tests.conftest import make_tensor_env
 
@@ -30,9 +30,9 @@ def _rollout(student: str, unroll: int, seed: int = 0):
     for _ in range(unroll):
         observations.append(obs)
         obs, *_ = env.step(teacher.act(obs))
-        transitions.append(env.unwrapped.last_transition)
-    val_indices = env.unwrapped.val_indices(64)
-    return env.unwrapped, teacher, observations, transitions, val_indices
+        transitions.append(env.unwrapped.handle.last_transition)
+    val_indices = env.unwrapped.handle.val_indices(64)
+    return env.unwrapped.handle, teacher, observations, transitions, val_indices
 
 
 def _val_loss(env, teacher, observations, transitions, val_indices) -> torch.Tensor:
@@ -86,24 +86,24 @@ def test_replayed_updates_reproduce_the_real_ones_exactly():
 def test_meta_step_leaves_batchnorm_running_statistics_alone():
     env = make_tensor_env(**STUDENTS["resnet20-bn"], batch_size=8)
     for unroll in (1, 2):
-        teacher = make_agent("meta_grad", unroll=unroll).train()
+        teacher = make_agent("meta_grad", unroll=unroll).train().attach(env.unwrapped.handle)
         obs, _ = env.reset(seed=0)
         for _ in range(2):
             obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
-            before = {k: v.clone() for k, v in env.unwrapped.buffers.items()}
-            teacher.observe(env, reward, terminated, info)
-            after = env.unwrapped.buffers
+            before = {k: v.clone() for k, v in env.unwrapped.handle.buffers.items()}
+            teacher.observe(reward, terminated, info)
+            after = env.unwrapped.handle.buffers
             assert all(torch.equal(before[k], after[k]) for k in before), f"unroll {unroll}: running stats changed"
         assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if "running_mean" in k)
 
 
 def test_l2rw_weights_are_normalised_and_track_validation_alignment():
     env = make_tensor_env(noise_rate=0.4)
-    teacher = make_agent("l2rw", val_batch=64).bind(env)
+    teacher = make_agent("l2rw", val_batch=64).attach(env.unwrapped.handle)
     obs, info = env.reset(seed=0)
     weights = teacher.act(obs)
     assert weights.shape == (16,) and weights.min() >= 0 and weights.max() == pytest.approx(1.0)
-    with pytest.raises(RuntimeError, match="bind"):
+    with pytest.raises(RuntimeError, match="attach"):
         make_agent("l2rw").act(obs)
 
 
@@ -114,18 +114,11 @@ def _teach(agent: str, steps: int, seed: int) -> tuple[float, float]:
         dataset="mnist1d", student_kwargs={"hidden": [256, 128]}, batch_size=128, horizon=steps, eval_every=250,
         noise_rate=0.4, lr=0.1, val_size=1000,
     )  # fmt: skip
-    teacher = make_agent(agent, **({"meta_lr": 3e-3, "val_batch": 256, "seed": seed} if agent == "meta_grad" else {}))
-    teacher.train()
-    obs, info = env.reset(seed=seed)
-    weights, corrupted, done = [], [], False
-    while not done:
-        w = teacher.act(obs)
-        weights.append(w.numpy())
-        corrupted.append(info["corrupted"].numpy())
-        obs, reward, done, _, info = env.step(w)
-        teacher.observe(env, reward, done, info)
-    half = len(weights) // 2
-    return info["test_acc"], auroc(np.concatenate(weights[half:]), ~np.concatenate(corrupted[half:]))
+    teacher = make_agent(agent, **({"teacher_lr": 3e-3, "val_batch": 256, "seed": seed} if agent == "meta_grad" else {}))
+    run = teach(start(env, teacher.train(), seed=seed), steps // 2)
+    second_half = WeightStats()
+    teach(run, steps - steps // 2, [second_half])
+    return run.info["test_acc"], second_half.summary()["auroc"]
 
 
 @pytest.mark.slow
@@ -150,7 +143,7 @@ def test_fast_path_matches_the_straightforward_one_in_float32(student):
         obs, *_ = env.step(torch.ones(8))
     weights = teacher.weights(obs)
     env.step(weights.detach())
-    last, unwrapped = env.unwrapped.last_transition, env.unwrapped
+    last, unwrapped = env.unwrapped.handle.last_transition, env.unwrapped.handle
     val_indices = unwrapped.val_indices(64)
     params = list(teacher.net.parameters())
     slow = torch.autograd.grad(unrolled_val_loss(unwrapped, (last,), (weights,), val_indices), params, retain_graph=True)
@@ -174,11 +167,11 @@ def test_graph_path_through_real_updates_equals_the_replay(student):
         obs, _ = env.reset(seed=0)
         for _ in range(3):
             obs, *_ = env.step(teacher.act({k: v.double() for k, v in obs.items()}))
-            teacher._window.append((env.unwrapped.last_transition, teacher._pending))
-        env.unwrapped._val_generator.manual_seed(123)
-        val_loss, grads[method] = teacher.meta_gradient(env.unwrapped)
+            teacher._window.append((env.unwrapped.handle.last_transition, teacher._pending))
+        env.unwrapped.handle._val_generator.manual_seed(123)
+        val_loss, grads[method] = teacher.attach(env.unwrapped.handle).meta_gradient()
         if method == "graph":
-            assert all(p.grad_fn is None for p in env.unwrapped.params.values()), "the history was cut"
+            assert all(p.grad_fn is None for p in env.unwrapped.handle.params.values()), "the history was cut"
     for a, b in zip(grads["graph"], grads["replay"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
@@ -187,10 +180,8 @@ def test_graph_path_trains_a_teacher_end_to_end():
     env = make_tensor_env(batch_size=16, horizon=30)
     teacher = MetaGradTeacher(unroll=3, seed=0).train()
     before = [p.detach().clone() for p in teacher.net.parameters()]
-    obs, _ = env.reset(seed=0)
-    done, logs = False, []
-    while not done:
-        obs, reward, done, _, info = env.step(teacher.act(obs))
-        logs.append(teacher.observe(env, reward, done, info))
-    assert sum("meta_loss" in log for log in logs) == 10
+    scalars = TeacherScalars()
+    run = teach(start(env, teacher, seed=0), 100, [scalars])
+    assert run.step == 30 and run.done, "the loop stops at the end of the episode"
+    assert len(scalars.values["meta_loss"]) == 10
     assert any(not torch.equal(a, b) for a, b in zip(before, teacher.net.parameters()))

@@ -168,13 +168,13 @@ CHECKPOINT_CASES = [
     ("random-bytes", _random_bytes, "not a readable l2t-gym checkpoint"),
     ("wrong-version", _edited(lambda c: c.update(format_version=0)), "format version 0"),
     ("not-ours", _edited(lambda c: c.pop("format")), "not an l2t-gym teacher checkpoint"),
-    ("unknown-agent", _edited(lambda c: c.update(agent="oracle")), "unknown agent 'oracle'"),
+    ("unknown-agent", _edited(lambda c: c.update(agent="teacher9000")), "unknown agent 'teacher9000'"),
     ("obs-spec-mismatch", _edited(lambda c: c["obs_spec"].update(samples=["loss"])), "samples"),
     ("state-mismatch", _edited(lambda c: c["state"]["net"].pop("out.bias")), "does not fit agent"),
     ("code-execution", _evil, "not a readable l2t-gym checkpoint"),
 ]
 CLI_CASES = [
-    ("cli-unknown-agent", ["--agent", "oracle"], "invalid choice: 'oracle'"),
+    ("cli-unknown-agent", ["--agent", "teacher9000"], "invalid choice: 'teacher9000'"),
     ("cli-noise-rate", ["--noise-rate", "1"], "--noise-rate must be in [0, 1)"),
     ("cli-negative-steps", ["--steps", "-5"], "--steps must be >= 1"),
     ("cli-bad-int", ["--unroll", "two"], "invalid int value: 'two'"),
@@ -186,7 +186,7 @@ CLI_CASES = [
     ("cli-resume-nothing", ["--resume", "--out", "EMPTY"], "--resume needs a checkpoint"),
     ("cli-resume-other-agent", ["--resume", "--agent", "mwnet", "--out", "RUN"], "holds a 'meta_grad' teacher"),
     ("cli-overwrite-run", ["--out", "RUN"], "already holds a run"),
-    ("cli-evaluate-unknown-agent", ["EVALUATE", "--agents", "oracle"], "unknown agent 'oracle'"),
+    ("cli-evaluate-unknown-agent", ["EVALUATE", "--agents", "teacher9000"], "unknown agent 'teacher9000'"),
     ("cli-evaluate-missing-teacher", ["EVALUATE", "--teachers", "/nonexistent/run"], "does not exist"),
 ]
 
@@ -202,11 +202,11 @@ def trained_run(tmp_path_factory) -> Path:
 def test_bad_actions(name, act, error, message):
     env = make_env()
     env.reset(seed=0)
-    before = [p.detach().clone() for p in env.unwrapped.params.values()]
+    before = [p.detach().clone() for p in env.unwrapped.handle.params.values()]
     with pytest.raises(error, match=None) as info:
         act(env.unwrapped)
     assert message in str(info.value)
-    assert all(torch.equal(a, b) for a, b in zip(before, env.unwrapped.params.values())), "the student was touched"
+    assert all(torch.equal(a, b) for a, b in zip(before, env.unwrapped.handle.params.values())), "the student was touched"
 
 
 @pytest.mark.parametrize("name,kwargs,error,message", CONSTRUCTION_CASES, ids=[c[0] for c in CONSTRUCTION_CASES])

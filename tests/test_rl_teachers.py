@@ -57,7 +57,7 @@ def test_reinforce_learns_to_raise_its_episode_reward():
     """Clean labels and a policy that starts by dropping 90% of every batch: keeping more is better,
     and the mean return of the last rounds must clearly exceed that of the first ones."""
     make = env_factory(**{**TINY, "noise": "none", "lr": 0.05, "horizon": 30, "eval_every": 30, "reward": "accuracy"})
-    teacher = make_agent("reinforce", init_keep=0.1, lr=5e-2, seed=0)
+    teacher = make_agent("reinforce", init_keep=0.1, teacher_lr=5e-2, seed=0)
     returns, keep = [], []
 
     def record(rounds, stats):
@@ -81,7 +81,7 @@ def test_parallel_processes_give_the_same_round_as_one_process():
 
 
 def test_ppo_trains_saves_reloads_and_acts_through_our_interface(tmp_path):
-    teacher = make_agent("ppo", n_steps=64, batch_size=32, n_epochs=2)
+    teacher = make_agent("ppo", n_steps=64, minibatch_size=32, n_epochs=2)
     teacher.learn(env_factory(**TINY), total_timesteps=256, n_envs=1)
     env = make_env()
     teacher.save(tmp_path / "ppo.pt", env)
@@ -96,16 +96,18 @@ def test_ppo_trains_saves_reloads_and_acts_through_our_interface(tmp_path):
 
 
 def test_one_env_instance_serves_reinforce_ppo_and_meta_grad(tmp_path):
-    ppo = make_agent("ppo", n_steps=32, batch_size=16, n_epochs=1)
+    ppo = make_agent("ppo", n_steps=32, minibatch_size=16, n_epochs=1)
     ppo.learn(env_factory(**TINY), total_timesteps=32, n_envs=1)
     env = make_tensor_env()
-    teachers = {"reinforce": make_agent("reinforce"), "ppo": ppo, "meta_grad": make_agent("meta_grad").train()}
+    teachers = {
+        "reinforce": make_agent("reinforce"), "ppo": ppo, "meta_grad": make_agent("meta_grad").train().attach(env.unwrapped.handle)
+    }  # fmt: skip
     obs, _ = env.reset(seed=0)
     for name, teacher in teachers.items():
         for _ in range(3):
             weights = teacher.act(obs)
             obs, reward, terminated, truncated, info = env.step(weights)
-            teacher.observe(env, reward, terminated, info)
+            teacher.observe(reward, terminated, info)
             assert weights.shape == (16,), name
     assert env.unwrapped.t == 9
 

@@ -43,10 +43,10 @@ def test_meta_grad_logs_its_meta_loss_and_unroll_is_respected(tmp_path):
     _run(tmp_path, "--agent", "meta_grad", "--unroll", "3")
     record = _metrics(tmp_path / "run")[-1]
     assert record["teacher/meta_loss"] > 0
-    assert load_teacher(tmp_path / "run").hp["unroll"] == 3
+    assert load_teacher(tmp_path / "run").hp.unroll == 3
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     reference = _run(tmp_path, "--agent", "meta_grad", name="whole")
     real_step = TeachingEnv.step
 
@@ -56,9 +56,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
         return real_step(self, action)
 
     monkeypatch.setattr(TeachingEnv, "step", crash_at_45)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as interrupted:
         _run(tmp_path, "--agent", "meta_grad", name="cut")
     monkeypatch.setattr(TeachingEnv, "step", real_step)
+    assert interrupted.value.code == 130
+    assert "interrupted at step 45; resume with --resume" in capsys.readouterr().err
     assert [r["step"] for r in _metrics(tmp_path / "cut")] == [20, 40]
     resumed = _run(tmp_path, "--agent", "meta_grad", "--resume", name="cut")
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")  # no lost or duplicated steps, same values
@@ -106,7 +108,7 @@ def test_config_file_is_read_and_flags_win(tmp_path):
     "text,message",
     [
         ("agent: [unclosed\n", "cannot read --config"),
-        ("teacher_lr: 3\n", "unknown keys: teacher_lr"),
+        ("meta_lr: 3\n", "unknown keys: meta_lr"),
         ("- a\n- b\n", "must hold a mapping"),
     ],
 )
@@ -175,5 +177,6 @@ def test_default_run_folders_are_numbered_instead_of_overwritten(tmp_path, monke
         train_teacher.main(argv)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["uniform-digits-mlp-s0", "uniform-digits-mlp-s0-2"]
     assert (
-        train_teacher.parse_config(train_teacher.TrainConfig, [*argv, "--resume"], "").run_dir.name == "uniform-digits-mlp-s0-2"
+        train_teacher.parse_config(train_teacher.config_class(), [*argv, "--resume"], "").run_dir.name
+        == "uniform-digits-mlp-s0-2"
     )

@@ -1,0 +1,139 @@
+"""The typed contract between ``Teaching-v0`` and the teachers that differentiate through the student.
+
+The env owns one ``StudentHandle`` for its whole life (``env.unwrapped.handle``) and keeps the
+student's functional state in it: parameters, BatchNorm buffers, momentum, the current batch and
+the last update taken. Teachers that need more than the Gym API receive the handle once
+(``Teacher.attach(handle)``) and call only what is documented here; RL teachers never need it.
+
+The graph-carrying weights of the B > 1 (``graph``) path are part of this contract: an action that
+``requires_grad`` makes the env build its update differentiably, so ``params`` then carry the
+teacher's graph until the teacher calls ``detach()``. Everything else leaves the student's
+state untouched (BatchNorm statistics included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from students.data import Dataset
+from students.functional import FunctionalStudent, Params, SGDConfig, sgd_update
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What one real student update started from; a meta-gradient teacher replays it differentiably."""
+
+    params: Params  # parameters before the update
+    momentum: Params  # momentum buffers before the update
+    indices: torch.Tensor  # the batch, as indices into the training split
+    lr: float  # the learning rate the update used
+
+
+class StudentHandle:
+    """Differentiable access to the student an env trains (see the module docstring)."""
+
+    def __init__(self, data: Dataset, noisy_labels: torch.Tensor, corrupted: torch.Tensor, sgd: SGDConfig):
+        self.data, self.noisy_labels, self.corrupted, self.sgd = data, noisy_labels, corrupted, sgd
+        self.student: FunctionalStudent | None = None
+        self.params: Params = {}
+        self.buffers: Params = {}
+        self.momentum: Params = {}
+        self.batch_indices: torch.Tensor | None = None  # the batch the next update will take
+        self.batch_losses: torch.Tensor | None = None  # its per-sample losses, with the graph to ``params``
+        self.last_transition: Transition | None = None
+        self.lr_now = sgd.lr  # learning rate of the next update (the env sets it as its schedule advances)
+        self._val_generator = torch.Generator()
+
+    def start(self, student: FunctionalStudent, val_seed: int) -> None:
+        """A fresh student: initial parameters, zero momentum, validation batches reseeded."""
+        self.student = student
+        params, self.buffers = student.initial_state()
+        self.params = {n: p.requires_grad_() for n, p in params.items()}
+        self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.batch_indices, self.batch_losses, self.last_transition = None, None, None
+        self._val_generator.manual_seed(val_seed)
+
+    # ------------------------------------------------------------------ what the env does with it
+    def forward_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Forward the batch ``indices`` (train mode; BatchNorm statistics advance, as in real training)
+        and keep its per-sample losses for the update; returns (logits, hidden states, given labels)."""
+        self.batch_indices = indices
+        x, y = self.data.train.x[indices], self.noisy_labels[indices]
+        logits, hidden = self.student.forward(self.params, self.buffers, x, train=True)
+        self.batch_losses = F.cross_entropy(logits, y, reduction="none")
+        return logits, hidden, y
+
+    def update(self, weights: torch.Tensor, differentiable: bool) -> bool:
+        """The real update on the weighted mean loss of the current batch. With ``differentiable`` the
+        new parameters keep the graph to ``weights`` (until ``detach``). A non-finite loss changes
+        nothing and returns False (the student diverged)."""
+        loss = FunctionalStudent.weighted_loss(self.batch_losses, weights)
+        if not torch.isfinite(loss):
+            return False
+        grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
+        self.last_transition = Transition(self.params, self.momentum, self.batch_indices, self.lr_now)
+        with torch.set_grad_enabled(differentiable):
+            params, self.momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), self.lr_now, self.sgd)
+        self.params = params if differentiable else {n: p.requires_grad_() for n, p in params.items()}
+        self.batch_losses = None
+        return True
+
+    # ------------------------------------------------------------------ what teachers may call
+    def detach(self) -> None:
+        """Cut the autograd history that differentiable updates left on the student's state (after a
+        teacher back-propagated through them); the current batch's losses are recomputed from the
+        detached parameters (BatchNorm statistics untouched)."""
+        self.params = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+        self.momentum = {n: m.detach() for n, m in self.momentum.items()}
+        if self.batch_losses is not None:
+            self.batch_losses = self.per_sample_losses(self.params, self.batch_indices)
+
+    def per_sample_losses(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
+        """Training losses of the samples ``indices`` under ``params`` (train mode, so BatchNorm uses
+        batch statistics; the running statistics are left untouched)."""
+        return self.student.per_sample_losses(params, self.buffers, self.data.train.x[indices], self.noisy_labels[indices])
+
+    def replay_update(
+        self, transition: Transition, params: Params, momentum: Params, weights: torch.Tensor, create_graph: bool
+    ) -> tuple[Params, Params]:
+        """The update of ``transition`` applied to ``params``/``momentum`` with ``weights``, as a
+        differentiable function (the same operations as the real update)."""
+        loss = FunctionalStudent.weighted_loss(self.per_sample_losses(params, transition.indices), weights)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        return sgd_update(params, momentum, dict(zip(params, grads)), transition.lr, self.sgd)
+
+    def val_indices(self, size: int) -> torch.Tensor:
+        """A random batch of ``size`` clean validation indices (reseeded with every new student)."""
+        size = min(size, len(self.data.val))
+        return torch.randperm(len(self.data.val), generator=self._val_generator)[:size].to(self.data.val.y.device)
+
+    def val_loss(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
+        """Mean clean validation loss of ``indices`` under ``params`` (train mode, buffers untouched)."""
+        return self.student.per_sample_losses(params, self.buffers, self.data.val.x[indices], self.data.val.y[indices]).mean()
+
+    def corrupted_in_batch(self) -> torch.Tensor:
+        """Which given labels of the current batch are wrong. A diagnostic: only the ``oracle``
+        reference reads it, never a teacher."""
+        return self.corrupted[self.batch_indices]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The student's state as CPU tensors."""
+        cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}
+        return {
+            "params": cpu(self.params), "buffers": cpu(self.buffers), "momentum": cpu(self.momentum),
+            "val_generator": self._val_generator.get_state(), "batch_indices": self.batch_indices.cpu(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Restore ``state_dict``; the current batch's losses are recomputed without touching the
+        saved BatchNorm statistics (which already saw that batch)."""
+        to = lambda d: {k: v.to(device) for k, v in d.items()}
+        self.params = {k: v.requires_grad_() for k, v in to(state["params"]).items()}
+        self.buffers, self.momentum = to(state["buffers"]), to(state["momentum"])
+        self._val_generator.set_state(state["val_generator"])
+        self.batch_indices, self.last_transition = state["batch_indices"].to(device), None
+        self.batch_losses = self.per_sample_losses(self.params, self.batch_indices)
