@@ -1,25 +1,28 @@
-"""Benchmark teachers on fresh students, and transfer trained teachers to new students.
+"""Benchmark teachers on fresh students, honestly, and transfer trained teachers to new students.
 
-    python evaluate.py --agents uniform,spl,l2rw,mwnet,meta_grad --dataset mnist1d --seeds 3 --out reports/quick
+    python evaluate.py --agents uniform,clean_only,finetune,l2rw,mwnet,meta_grad,oracle --dataset digits --seeds 5
+    python evaluate.py --suite suites/results.yaml                   # the published tables (docs/results.md)
     python evaluate.py --agents uniform --teachers runs/meta_grad-mnist1d-mlp-s0 --dataset mnist \\
-        --student cnn --data-root ../shared/data --out reports/transfer          # a frozen teacher, transferred
-    python evaluate.py --suite suites/quick.yaml --workers 2 --out reports/quick
+        --student cnn --data-root ../shared/data --seed 100 --out reports/transfer   # a frozen teacher, transferred
 
-For every setting x agent x seed a fresh student is trained in ``Teaching-v0``. Agents named in
-``--agents`` start untrained: non-learned ones just act, meta-gradient ones (``l2rw``, ``mwnet``,
-``meta_grad``) learn online jointly with the student. Teachers loaded from ``--teachers`` run frozen
-(pure transfer) unless ``--online``. Outputs in ``--out``: report.md, results.csv, results.json and
-PNG plots.
+For every setting x agent x seed a fresh student is trained in ``Teaching-v0`` for the same number of
+updates. Agents named in ``--agents`` start untrained: fixed ones just act, online ones (``mwnet``,
+``meta_grad``) learn jointly with the student; the clean-data baselines (``clean_only``,
+``uniform_plus_clean``, ``finetune``) train on the clean split directly; ``oracle`` is a reference.
+Teachers loaded from ``--teachers`` run frozen (pure transfer) unless ``--online``, and never on the
+seeds they were trained with. ``--tune`` picks each agent's student learning rate (and teacher
+learning rate) per setting by validation accuracy on tuning seeds disjoint from the reported ones.
+Outputs in ``--out``: report.md, results.csv, results.json, PNG plots, and runs.jsonl (each finished
+run, appended as it ends, so ``--resume`` re-runs only what is missing).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
-import math
 import multiprocessing
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,18 +31,28 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from scipy import stats as scipy_stats
 from tqdm import tqdm
 
-from agents.base import AGENTS, CheckpointError, Teacher, agent_class, load_teacher, make_agent, options_for
+from agents.base import AGENTS, CheckpointError, Teacher, agent_class, load_teacher, make_agent, options_for, read_checkpoint
 from agents.loop import Curve, WeightStats, start, teach
 from envs import env_factory
-from runconfig import EnvSetting, StudentTraining, field, parse_config
+from reporting import (
+    add_uniform_ratio,
+    aggregate,
+    selected_test_acc,
+    steps_to_threshold,
+    summarise,
+    write_plots,
+    write_report,
+    write_tables,
+)
+from runconfig import EnvSetting, StudentTraining, coerce, field, parse_config
 from students.data import DATASETS, DatasetNotFoundError, check_name
 from students.models import STUDENTS
 from students.noise import NOISE_TYPES
 
 GRID_KEYS = ("dataset", "student", "noise", "noise_rate")
+TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
 
 @dataclass
@@ -47,7 +60,8 @@ class EvalConfig(EnvSetting, StudentTraining):
     """A benchmark: which teachers, on which settings, over how many seeds (``seed``, ``seed + 1``, ...)."""
 
     agents: str = field(
-        "uniform,spl,l2rw,mwnet,meta_grad", "comma-separated agents to run untrained (online learners learn as they teach)"
+        "uniform,clean_only,uniform_plus_clean,finetune,spl,l2rw,mwnet,meta_grad,oracle",
+        "comma-separated agents to run untrained (online learners learn as they teach)",
     )
     agent_options: dict | None = field(
         None, "options per agent as YAML, e.g. '{meta_grad: {teacher_lr: 0.001}, l2rw: {val_batch: 128}}'"
@@ -60,15 +74,23 @@ class EvalConfig(EnvSetting, StudentTraining):
         None,
         "settings grid as YAML, e.g. '{dataset: [mnist1d, digits], noise_rate: [0.2, 0.4]}' (overrides the single setting above)",
     )
-    seeds: int = field(3, "seeds per (setting, agent)", low=1)
+    seeds: int = field(3, "reported seeds per (setting, agent): seed, seed + 1, ...", low=1)
     steps: int = field(2000, "student updates per run", low=1)
-    thresholds: str = field("0.5,0.6", "validation accuracies for steps-to-threshold, comma-separated")
+    tune: dict | None = field(
+        None, "tuning grid as YAML, e.g. '{lr: [0.02, 0.05, 0.1], teacher_lr: [0.001, 0.003, 0.01]}' (lr and teacher_lr)"
+    )
+    tune_seeds: int = field(2, "tuning seeds per candidate", low=1)
+    tune_seed: int = field(1000, "first tuning seed (tuning seeds must not overlap the reported ones)", low=0)
+    thresholds: str = field("0.5,0.6", "validation accuracies for steps-to-threshold (CSV/JSON), comma-separated")
     workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs", low=1)
     threads: int = field(1, "torch threads per job (fixed, so results do not depend on --workers)", low=1)
     out: str = field("reports/latest", "output folder")
+    resume: bool = field(False, "reuse the finished runs in --out/runs.jsonl and run only the missing ones")
     progress: bool = field(True, "show a progress bar")
 
     def validate(self) -> None:
+        if not self.agent_names and not self.teacher_paths:
+            raise ValueError("nothing to evaluate: --agents and --teachers are both empty")
         for agent in self.agent_names:
             check_name("agent", agent, list(AGENTS))
             if agent_class(agent).kind == "episodic":
@@ -76,14 +98,12 @@ class EvalConfig(EnvSetting, StudentTraining):
                     f"agent {agent!r} learns over many episodes and cannot start untrained: train it with train_teacher.py and pass --teachers runs/..."
                 )
         options = self.agent_options or {}
-        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-            raise ValueError(f"agent_options must map agent -> {{option: value}}, got {options!r}")
+        if not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError(f"--agent-options must map agent -> {{option: value}}, got {options!r}")
         for agent, values in options.items():
             if agent not in self.agent_names:
-                raise ValueError(f"agent_options names {agent!r}, which is not in --agents ({self.agents})")
+                raise ValueError(f"--agent-options names {agent!r}, which is not in --agents ({self.agents})")
             make_agent(agent, **options_for(agent, values))  # refuses unknown options and bad values by name
-        if not self.agent_names and not self.teacher_paths:
-            raise ValueError("nothing to evaluate: --agents and --teachers are both empty")
         for path in self.teacher_paths:
             if not Path(path).exists():
                 raise ValueError(f"--teachers: {path} does not exist (expected a runs/<name>/ folder or a teacher.pt)")
@@ -91,6 +111,12 @@ class EvalConfig(EnvSetting, StudentTraining):
             _ = self.threshold_values
         except ValueError as e:
             raise ValueError(f"--thresholds must be comma-separated numbers, got {self.thresholds!r}") from e
+        _ = self.tune_grid
+        if self.tune and self.tune_seed < self.seed + self.seeds and self.seed < self.tune_seed + self.tune_seeds:
+            raise ValueError(
+                f"tuning seeds {self.tune_seed}..{self.tune_seed + self.tune_seeds - 1} overlap the reported seeds "
+                f"{self.seed}..{self.seed + self.seeds - 1}; move --tune-seed"
+            )
 
     @property
     def agent_names(self) -> list[str]:
@@ -104,27 +130,48 @@ class EvalConfig(EnvSetting, StudentTraining):
     def threshold_values(self) -> list[float]:
         return [float(t) for t in self.thresholds.split(",") if t.strip()]
 
+    @property
+    def tune_grid(self) -> dict[str, list[float]]:
+        """``--tune`` checked: lists of finite positive numbers for ``lr`` and ``teacher_lr``."""
+        grid = self.tune or {}
+        unknown = sorted(set(grid) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"--tune: unknown keys {', '.join(unknown)}; tunable: {', '.join(TUNABLE)}")
+        checked = {}
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"--tune: {key} must be a non-empty list, got {values!r}")
+            checked[key] = [coerce(f"--tune {key}", v, float, {"above": 0.0}) for v in values]
+        return checked
 
-# ------------------------------------------------------------------------------------------ grid
+
+# ------------------------------------------------------------------------------------------ grid and jobs
 def settings_grid(cfg: EvalConfig) -> list[dict[str, Any]]:
     """The env settings to run: the single one of the flags, or the product of ``grid``'s axes
     (axes it leaves out keep the flags' value; ``student_kwargs`` may map student -> kwargs)."""
     base = {k: getattr(cfg, k) for k in (*GRID_KEYS, "student_kwargs")}
     grid = cfg.grid or {}
-    if not isinstance(grid, dict):
-        raise ValueError(f"grid must be a mapping of setting -> list of values, got {grid!r}")
     unknown = sorted(set(grid) - set(GRID_KEYS) - {"student_kwargs"})
     if unknown:
         raise ValueError(f"grid: unknown keys {', '.join(unknown)}; valid: {', '.join(GRID_KEYS)}, student_kwargs")
     axes = {k: grid.get(k, [base[k]]) for k in GRID_KEYS}
+    bad = [k for k, v in axes.items() if not isinstance(v, list)]
+    if bad:
+        raise ValueError(f"grid: {', '.join(bad)} must be a list of values, got {', '.join(repr(axes[k]) for k in bad)}")
     empty = [k for k, v in axes.items() if not v]
     if empty:
         raise ValueError(f"the grid is empty: no values for {', '.join(empty)}")
     per_student = grid.get("student_kwargs") or {}
-    return [
+    settings = [
         {"dataset": d, "student": s, "noise": n, "noise_rate": r, "student_kwargs": per_student.get(s, base["student_kwargs"])}
         for d, s, n, r in itertools.product(*(axes[k] for k in GRID_KEYS))
     ]
+    for setting in settings:
+        check_name("dataset", setting["dataset"], DATASETS)
+        check_name("student", setting["student"], list(STUDENTS))
+        check_name("noise", setting["noise"], NOISE_TYPES)
+        coerce("grid noise_rate", setting["noise_rate"], float, {"low": 0, "below": 1})
+    return settings
 
 
 @dataclass(frozen=True)
@@ -132,18 +179,33 @@ class Job:
     """One student trained by one teacher: the unit of work and of parallelism."""
 
     setting: dict[str, Any]
-    agent: str  # agent name, or "name@path" for a loaded teacher
+    agent: str  # agent name, or "name@run" for a loaded teacher
     teacher_path: str | None
     seed: int
     cfg: EvalConfig
+    lr: float  # the student's learning rate (tuned per agent and setting)
+    options: tuple[tuple[str, Any], ...] = ()  # the agent's options beyond --agent-options (tuned)
+    stage: str = "report"  # or "tune"
+
+    @property
+    def key(self) -> str:
+        """Identifies the job in runs.jsonl (everything that changes its result)."""
+        fields = [self.stage, json.dumps(self.setting, sort_keys=True), self.agent, self.seed, self.lr, list(self.options)]
+        return json.dumps(fields)
+
+    @property
+    def agent_name(self) -> str:
+        return self.agent.split("@")[0]
 
 
 def env_for(job: Job) -> gym.Env:
-    """A fresh ``Teaching-v0`` for the job's setting and seed (tensor observations, in-process)."""
+    """A fresh ``Teaching-v0`` for the job's setting and seed (tensor observations, in-process), with
+    the data pool its agent needs (the clean-data baselines train on the clean split)."""
     cfg = job.cfg
+    overrides = agent_class(job.agent_name).env_overrides if job.teacher_path is None else {}
     return env_factory(
         **job.setting,
-        **cfg.student_env_kwargs(),
+        **{**cfg.student_env_kwargs(), "lr": job.lr},
         horizon=cfg.steps,
         data_root=cfg.data_root,
         download=cfg.download,
@@ -151,6 +213,7 @@ def env_for(job: Job) -> gym.Env:
         seed=job.seed,
         tensor_obs=True,
         disable_env_checker=True,
+        **overrides,
     )()
 
 
@@ -159,8 +222,8 @@ def build_teacher(job: Job, env: Any) -> Teacher:
     if job.teacher_path is not None:
         teacher = load_teacher(job.teacher_path, env=env, device=env.unwrapped.device)
         return teacher.train(job.cfg.online and teacher.kind == "online")
-    options = options_for(job.agent, (job.cfg.agent_options or {}).get(job.agent, {}), seed=job.seed)
-    teacher = make_agent(job.agent, **options).to(env.unwrapped.device)
+    values = {**(job.cfg.agent_options or {}).get(job.agent, {}), **dict(job.options)}
+    teacher = make_agent(job.agent, **options_for(job.agent, values, seed=job.seed)).to(env.unwrapped.device)
     return teacher.train(teacher.kind == "online")
 
 
@@ -173,284 +236,204 @@ def run_job(job: Job) -> dict[str, Any]:
     stats, curve = WeightStats(), Curve()
     run = teach(start(env, teacher, job.seed), job.cfg.steps, [stats, curve])
     w, c = stats.arrays()
-    curve = curve.points
+    points, data = curve.points, env.unwrapped.data
     row = {
         "agent": job.agent, "seed": job.seed, **{k: job.setting[k] for k in GRID_KEYS},
         "student_kwargs": json.dumps(job.setting.get("student_kwargs")), "teacher_path": job.teacher_path or "",
         "trained_on": describe_training(teacher) if job.teacher_path else "", "online": teacher.training,
+        "lr": job.lr, "options": json.dumps(dict(job.options)),
+        "n_train": len(env.unwrapped.data.train), "n_clean": len(data.val), "n_test": len(data.test),
         "steps": run.step, "diverged": bool(run.info.get("diverged")),
-        "final_test_acc": curve[-1][2] if curve else float("nan"), "best_test_acc": max((t for _, _, t in curve), default=float("nan")),
-        "final_val_acc": curve[-1][1] if curve else float("nan"), "seconds_per_step": run.seconds / max(run.step, 1),
-        **stats.summary(),
+        "final_test_acc": points[-1][2] if points else float("nan"), "selected_test_acc": selected_test_acc(points),
+        "final_val_acc": points[-1][1] if points else float("nan"),
+        "best_val_acc": max((v for _, v, _ in points), default=float("nan")),
+        "oracle_best_test_acc": max((t for _, _, t in points), default=float("nan")),
+        "seconds_per_step": run.seconds / max(run.step, 1), **stats.summary(),
     }  # fmt: skip
     for threshold in job.cfg.threshold_values:
-        row[f"steps_to_{threshold:g}"] = steps_to_threshold(curve, threshold)
+        row[f"steps_to_{threshold:g}"] = steps_to_threshold(points, threshold)
     rng = np.random.default_rng(job.seed)
     sample = rng.choice(len(w), size=min(4000, len(w)), replace=False)
-    return {"row": row, "curve": curve, "weights": w[sample].tolist(), "corrupted": c[sample].tolist()}
+    return {"key": job.key, "row": row, "curve": points, "weights": w[sample].tolist(), "corrupted": c[sample].tolist()}
 
 
 def describe_training(teacher: Teacher) -> str:
-    """``dataset/student/noise<rate>`` of the env a loaded teacher was trained on."""
+    """``dataset/student/noise<rate> (seeds a-b)`` of the env a loaded teacher was trained on."""
     env = teacher.trained_env or {}
     return f"{env.get('dataset', '?')}/{env.get('student', '?')}/{env.get('noise', '?')}{env.get('noise_rate', '')}"
 
 
-# ------------------------------------------------------------------------------------------ statistics
-def steps_to_threshold(curve: list[tuple[int, float, float]], threshold: float) -> float:
-    """The first evaluated step at which validation accuracy reached ``threshold`` (NaN if never)."""
-    return next((float(step) for step, val_acc, _ in curve if val_acc >= threshold), float("nan"))
+def tuning_candidates(cfg: EvalConfig, agent: str) -> list[tuple[float, tuple[tuple[str, Any], ...]]]:
+    """(student lr, agent options) pairs of the tuning grid that apply to ``agent``."""
+    grid = cfg.tune_grid
+    lrs = grid.get("lr", [cfg.lr])
+    has_teacher_lr = any(f.name == "teacher_lr" for f in dataclasses.fields(agent_class(agent).Options))
+    teacher_lrs = grid.get("teacher_lr") if has_teacher_lr else None
+    if not teacher_lrs:
+        return [(lr, ()) for lr in lrs]
+    return [(lr, (("teacher_lr", t),)) for lr in lrs for t in teacher_lrs]
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    """Mean, sample std (ddof 1), the half-width of a 95% t confidence interval, and n, over the
-    finite values."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
-    std = float(x.std(ddof=1)) if n > 1 else float("nan")
-    half = float(scipy_stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": float(x.mean()), "std": std, "ci95": half, "n": n}
-
-
-def add_uniform_ratio(rows: list[dict[str, Any]]) -> None:
-    """Each run's time per step divided by the mean time per step of ``uniform`` in its setting."""
-
-    def key(r):
-        return tuple(r[k] for k in GRID_KEYS) + (r["student_kwargs"],)
-
-    uniform: dict[tuple, list[float]] = {}
-    for r in rows:
-        if r["agent"] == "uniform":
-            uniform.setdefault(key(r), []).append(r["seconds_per_step"])
-    for r in rows:
-        base = uniform.get(key(r))
-        r["time_ratio_to_uniform"] = r["seconds_per_step"] / float(np.mean(base)) if base else float("nan")
-
-
-def aggregate(rows: list[dict[str, Any]], thresholds: list[float]) -> list[dict[str, Any]]:
-    """One line per (setting, agent): each metric's mean, std, 95% CI and n."""
-    metrics = ["final_test_acc", "best_test_acc", "auroc", "seconds_per_step", "time_ratio_to_uniform"]
-    metrics += [f"steps_to_{t:g}" for t in thresholds]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((*(r[k] for k in GRID_KEYS), r["student_kwargs"], r["agent"]), []).append(r)
-    table = []
-    for group_rows in groups.values():
-        first = group_rows[0]
-        line = {k: first[k] for k in (*GRID_KEYS, "student_kwargs", "agent", "trained_on", "online")}
-        for m in metrics:
-            line[m] = summarise([r[m] for r in group_rows])
-        line["reached"] = {f"{t:g}": sum(np.isfinite(r[f"steps_to_{t:g}"]) for r in group_rows) for t in thresholds}
-        table.append(line)
-    return table
-
-
-# ------------------------------------------------------------------------------------------ outputs
-def fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
-    """``mean ± std [±CI]`` of a ``summarise`` result, for the report's tables."""
-    if stat["n"] == 0:
-        return "-"
-    text = f"{scale * stat['mean']:.{digits}f}"
-    if stat["n"] > 1:
-        text += f" ± {scale * stat['std']:.{digits}f} [±{scale * stat['ci95']:.{digits}f}]"
-    return text
-
-
-def write_report(out: Path, cfg: EvalConfig, table: list[dict[str, Any]]) -> None:
-    """report.md: the settings, one table per setting sorted by test accuracy, the transfer pairs."""
-    thresholds = cfg.threshold_values
-    lines = ["# Teacher benchmark", "", "## Settings", ""]
-    skip = {"agents", "teachers", "out", "progress", "workers"}
-    lines += [f"- `{f.name}`: {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in skip]
-    lines += [
-        "",
-        "Values: mean ± std [95% CI half-width] over seeds. Accuracies in %. `time x` is the time per student step relative to `uniform`.",
-        "",
+def tuning_jobs(cfg: EvalConfig) -> list[Job]:
+    """Every tuning job: setting x agent x candidate x tuning seed."""
+    seeds = range(cfg.tune_seed, cfg.tune_seed + cfg.tune_seeds)
+    return [
+        Job(setting, agent, None, seed, cfg, lr, options, stage="tune")
+        for setting in settings_grid(cfg)
+        for agent in cfg.agent_names
+        for lr, options in tuning_candidates(cfg, agent)
+        for seed in seeds
     ]
-    by_setting: dict[tuple, list[dict[str, Any]]] = {}
-    for line in table:
-        by_setting.setdefault(tuple(line[k] for k in (*GRID_KEYS, "student_kwargs")), []).append(line)
-    header = (
-        "| agent | final test acc | best test acc | " + " | ".join(f"steps to {t:g}" for t in thresholds) + " | AUROC | time x |"
-    )
-    for setting, lines_ in by_setting.items():
-        dataset, student, noise, rate, kwargs = setting
-        lines += [f"## {dataset} / {student} / {noise} {rate}" + (f" ({kwargs})" if kwargs != "null" else ""), "", header]
-        lines.append("|" + "---|" * (5 + len(thresholds)))
-        for line in sorted(lines_, key=lambda r: -np.nan_to_num(r["final_test_acc"]["mean"], nan=-1)):
-            steps = [
-                f"{fmt(line[f'steps_to_{t:g}'], digits=0)} ({line['reached'][f'{t:g}']}/{line['final_test_acc']['n']})"
-                for t in thresholds
-            ]
-            lines.append(
-                f"| {line['agent']} | {fmt(line['final_test_acc'], 100, 1)} | {fmt(line['best_test_acc'], 100, 1)} | "
-                + " | ".join(steps)
-                + f" | {fmt(line['auroc'], 1, 3)} | {fmt(line['time_ratio_to_uniform'], 1, 2)} |"
-            )
-        lines.append("")
-    transfers = [line for line in table if line["trained_on"]]
-    if transfers:
-        lines += [
-            "## Transfer pairs",
-            "",
-            "| teacher | trained on | evaluated on | mode | final test acc | AUROC |",
-            "|---|---|---|---|---|---|",
-        ]
-        for line in transfers:
-            target = f"{line['dataset']}/{line['student']}/{line['noise']}{line['noise_rate']}"
-            mode = "online" if line["online"] else "frozen"
-            lines.append(
-                f"| {line['agent']} | {line['trained_on']} | {target} | {mode} | {fmt(line['final_test_acc'], 100, 1)} | {fmt(line['auroc'], 1, 3)} |"
-            )
-        lines.append("")
-    lines += ["Plots: `curves.png` (test accuracy over steps), `weights.png` (weights of clean vs corrupted samples).", ""]
-    (out / "report.md").write_text("\n".join(lines))
 
 
-def write_tables(out: Path, cfg: EvalConfig, rows: list[dict[str, Any]], table: list[dict[str, Any]]) -> None:
-    """results.csv and results.json: one row per run with every setting (and the aggregates in JSON)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress",)}
-    full_rows = [{**{f"cfg_{k}": v for k, v in settings.items() if k not in GRID_KEYS}, **r} for r in rows]
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(full_rows[0]))
-        writer.writeheader()
-        writer.writerows(full_rows)
-    (out / "results.json").write_text(
-        json.dumps({"config": settings, "runs": full_rows, "summary": table}, indent=2, default=str)
-    )
+def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, tuple], list[dict[str, Any]]]:
+    """Per (setting, agent), the candidate with the best mean best-validation accuracy over the
+    tuning seeds (the first one on ties); and a table of the choices for the report."""
+    scores: dict[tuple, dict[tuple, list[float]]] = {}
+    for r in results:
+        row = r["row"]
+        setting = json.dumps(
+            {k: row[k] for k in GRID_KEYS} | {"student_kwargs": json.loads(row["student_kwargs"])}, sort_keys=True
+        )
+        candidate = (row["lr"], tuple(sorted(json.loads(row["options"]).items())))
+        scores.setdefault((setting, row["agent"]), {}).setdefault(candidate, []).append(row["best_val_acc"])
+    chosen, table = {}, []
+    for (setting, agent), by_candidate in scores.items():
+        means = {c: summarise(v)["mean"] for c, v in by_candidate.items()}
+        best = max(means, key=lambda c: np.nan_to_num(means[c], nan=-1.0))
+        chosen[(setting, agent)] = best
+        s = json.loads(setting)
+        table.append({
+            "setting": f"{s['dataset']}/{s['student']}/{s['noise']} {s['noise_rate']}", "agent": agent, "lr": best[0],
+            **dict(best[1]), "score": means[best], "candidates": len(by_candidate),
+        })  # fmt: skip
+    return chosen, table
 
 
-def setting_label(row: dict[str, Any]) -> str:
-    """A short name of a run's setting, for plot titles."""
-    return f"{row['dataset']}/{row['student']}/{row['noise']} {row['noise_rate']}"
-
-
-def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
-    """curves.png (test accuracy over steps, one panel per setting) and weights.png (clean vs corrupted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    agents = sorted({r["row"]["agent"] for r in results})
-    settings = sorted({setting_label(r["row"]) for r in results})
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False, sharey=True)
-    for ax, setting in zip(axes[0], settings):
-        for agent in agents:
-            curves = [
-                r["curve"] for r in results if r["row"]["agent"] == agent and setting_label(r["row"]) == setting and r["curve"]
-            ]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            steps = [s for s, _, _ in curves[0][:length]]
-            acc = np.array([[t for _, _, t in c[:length]] for c in curves]) * 100
-            mean, std = acc.mean(0), acc.std(0)
-            ax.plot(steps, mean, label=agent)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        ax.set(xlabel="student update", title=setting)
-    axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, len(agents), figsize=(3 * len(agents), 3), squeeze=False, sharey=True)
-    for ax, agent in zip(axes[0], agents):
-        w = np.concatenate([r["weights"] for r in results if r["row"]["agent"] == agent])
-        c = np.concatenate([r["corrupted"] for r in results if r["row"]["agent"] == agent]).astype(bool)
-        bins = np.linspace(0, 1, 21)
-        ax.hist(w[~c], bins=bins, alpha=0.6, density=True, label="clean")
-        ax.hist(w[c], bins=bins, alpha=0.6, density=True, label="corrupted")
-        ax.set(title=agent, xlabel="weight")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "weights.png", dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------ main
-def make_jobs(cfg: EvalConfig) -> list[Job]:
-    """Every (setting, seed, agent or loaded teacher) job of the benchmark, in a fixed order."""
+def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple]) -> list[Job]:
+    """Every reported (setting, seed, agent or loaded teacher) job, at the tuned values where tuned."""
     jobs = []
     for setting in settings_grid(cfg):
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-            jobs += [Job(setting, agent, None, seed, cfg) for agent in cfg.agent_names]
-            jobs += [
-                Job(setting, f"{load_name(p)}@{Path(p).name if Path(p).is_dir() else Path(p).parent.name}", p, seed, cfg)
-                for p in cfg.teacher_paths
-            ]
-    if not jobs:
-        raise ValueError("the grid is empty: nothing to run")
+            for agent in cfg.agent_names:
+                lr, options = chosen.get((json.dumps(setting, sort_keys=True), agent), (cfg.lr, ()))
+                jobs.append(Job(setting, agent, None, seed, cfg, lr, options))
+            for path in cfg.teacher_paths:
+                label = f"{read_checkpoint(path)['agent']}@{Path(path).name if Path(path).is_dir() else Path(path).parent.name}"
+                jobs.append(Job(setting, label, path, seed, cfg, cfg.lr))
     return jobs
 
 
-def load_name(path: str) -> str:
-    """The agent name stored in a checkpoint (for labelling loaded teachers)."""
-    from agents.base import read_checkpoint
-
-    return read_checkpoint(path)["agent"]
-
-
-def check_teachers_fit(jobs: list[Job]) -> None:
-    """Fail before any training if a loaded teacher cannot act on one of the settings."""
+def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
+    """Fail before any training if a setting cannot be built for an agent (batch larger than a data
+    pool, validation split too large, missing data, ...), if a loaded teacher cannot act on a
+    setting, or if it would meet a student of its own training (same seeds)."""
     seen = set()
     for job in jobs:
-        key = (job.teacher_path, json.dumps(job.setting, sort_keys=True))
-        if job.teacher_path is None or key in seen:
+        overrides = agent_class(job.agent_name).env_overrides if job.teacher_path is None else {}
+        key = (job.teacher_path, json.dumps(job.setting, sort_keys=True), json.dumps(overrides, sort_keys=True))
+        if key in seen:
             continue
         seen.add(key)
-        env = env_for(job)
+        where = f"setting {job.setting['dataset']}/{job.setting['student']}, agent {job.agent}"
         try:
-            load_teacher(job.teacher_path, env=env)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} (setting {job.setting['dataset']}/{job.setting['student']})") from e
+            env = env_for(job)
+        except ValueError as e:
+            raise ValueError(f"{e} ({where})") from e
+        if job.teacher_path is not None:
+            try:
+                load_teacher(job.teacher_path, env=env)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} ({where})") from e
+    for path in cfg.teacher_paths:
+        lo, hi = read_checkpoint(path)["extra"].get("seeds_used", [None, None])
+        ours = range(cfg.seed, cfg.seed + cfg.seeds)
+        if lo is not None and any(lo <= s <= hi for s in ours):
+            raise ValueError(
+                f"--teachers {path} was trained on seeds {lo}..{hi} (data split, noise, students, batch order); evaluating it "
+                f"on seeds {ours.start}..{ours.stop - 1} would be in-sample: pass --seed {hi + 1} or higher"
+            )
 
 
-def run_all(jobs: list[Job], workers: int, progress: bool) -> list[dict[str, Any]]:
-    """Run every job (in ``workers`` processes), results in job order."""
-    bar = tqdm(total=len(jobs), disable=not progress, desc="students", unit="run")
-    if workers == 1:
-        results = []
-        for job in jobs:
-            results.append(run_job(job))
-            bar.update(1)
+# ------------------------------------------------------------------------------------------ running
+def read_finished(path: Path) -> dict[str, dict[str, Any]]:
+    """The finished runs recorded in runs.jsonl (a line cut by a crash is ignored)."""
+    finished = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            finished[result["key"]] = result
+    return finished
+
+
+def append_result(path: Path, result: dict[str, Any]) -> None:
+    """Append one finished run as one line, flushed to disk before the next run starts."""
+    with path.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_all(jobs: list[Job], workers: int, progress: bool, log: Path, description: str) -> list[dict[str, Any]]:
+    """Run the jobs not yet in ``log`` (in ``workers`` processes), appending each as it ends;
+    returns every job's result in job order."""
+    finished = read_finished(log)
+    todo = [job for job in jobs if job.key not in finished]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not progress, desc=description, unit="run")
+    if workers == 1 or len(todo) <= 1:
+        results = map(run_job, todo)
+        pool = None
     else:
-        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-            results = []
-            for result in pool.imap(run_job, jobs):
-                results.append(result)
-                bar.update(1)
-    bar.close()
-    return results
+        pool = multiprocessing.get_context("forkserver").Pool(workers)
+        results = pool.imap_unordered(run_job, todo)
+    try:
+        for result in results:
+            append_result(log, result)
+            finished[result["key"]] = result
+            bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    return [finished[job.key] for job in jobs]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Parse, check everything that can fail before training, run the jobs, write the outputs."""
+    """Parse, check everything that can fail before training, tune, run the jobs, write the outputs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["--config" if a == "--suite" else a for a in argv]  # a suite is a config file with a grid
     cfg = parse_config(EvalConfig, argv, __doc__.splitlines()[0] + " (--suite FILE.yaml: a --config file with a grid)")
     out = Path(cfg.out)
     try:
-        for setting in settings_grid(cfg):
-            check_name("dataset", setting["dataset"], DATASETS)
-            check_name("student", setting["student"], list(STUDENTS))
-            check_name("noise", setting["noise"], NOISE_TYPES)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} exists and is not a folder")
-        jobs = make_jobs(cfg)
-        check_teachers_fit(jobs)
+        if (out / "runs.jsonl").exists() and not cfg.resume:
+            raise ValueError(f"{out} already holds a benchmark; pass --resume to complete it or choose another --out")
+        tuning = tuning_jobs(cfg) if cfg.tune else []
+        jobs = report_jobs(cfg, {})
+        if not jobs:
+            raise ValueError("the grid is empty: nothing to run")
+        check_before_training(cfg, tuning + jobs)
     except (ValueError, CheckpointError, DatasetNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    results = run_all(jobs, cfg.workers, cfg.progress)
+    torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    chosen, choices = {}, []
+    if tuning:
+        chosen, choices = choose(cfg, run_all(tuning, cfg.workers, cfg.progress, log, "tuning"))
+        jobs = report_jobs(cfg, chosen)
+    results = run_all(jobs, cfg.workers, cfg.progress, log, "students")
     rows = [r["row"] for r in results]
     add_uniform_ratio(rows)
-    table = aggregate(rows, cfg.threshold_values)
-    out.mkdir(parents=True, exist_ok=True)
-    write_tables(out, cfg, rows, table)
-    write_report(out, cfg, table)
+    table = aggregate(rows)
+    config = dataclasses.asdict(cfg)
+    write_tables(out, config, rows, table, choices)
+    write_report(out, config, table, choices)
     write_plots(out, results)
     print((out / "report.md").read_text())
     return rows

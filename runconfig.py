@@ -128,7 +128,12 @@ class StudentTraining:
     weight_decay: float = field(5e-4, "student L2 weight decay", low=0.0)
     lr_schedule: str = field("constant", "student learning-rate schedule", choices=list(LR_SCHEDULES))
     eval_every: int = field(100, "updates between validation/test evaluations", low=1)
-    val_size: int = field(1000, "clean validation samples carved from the training set", low=1)
+    val_size: float | None = field(
+        None,
+        "clean validation split carved from the training set: a count, or a fraction if < 1",
+        above=0.0,
+        default_text="10% of the training set, at most 1000",
+    )
     train_size: int | None = field(None, "keep at most this many training samples", low=1)
 
     def student_env_kwargs(self) -> dict[str, Any]:
@@ -160,7 +165,8 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         tp, _ = _flag_type(hints[f.name])
         default = f.metadata.get("default_text", f.default)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {default})"}
+        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

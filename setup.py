@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["envs", "envs.*", "agents", "agents.*", "students", "students.*"]),
-    py_modules=["train_teacher", "evaluate", "runconfig"],
+    py_modules=["train_teacher", "evaluate", "runconfig", "reporting"],
     install_requires=[
         "torch>=2.3",
         "torchvision>=0.18",

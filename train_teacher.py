@@ -30,6 +30,7 @@ from agents.base import AGENTS, CheckpointError, Teacher, agent_class, make_agen
 from agents.loop import Callback, Curve, TeacherScalars, TeachingRun, WeightStats, start, teach
 from envs import env_factory
 from envs.rewards import REWARDS
+from reporting import selected_test_acc
 from runconfig import EnvSetting, StudentTraining, check_fields, field, parse_config, to_yaml
 from students.data import DatasetNotFoundError, load_dataset
 
@@ -149,14 +150,16 @@ class RunLog(Callback):
 
 class Checkpoints(Callback):
     """Atomic checkpoint of the teacher and, mid-episode, of the env's episode state, every
-    ``every`` steps and at ``last``."""
+    ``every`` steps and at ``last``. It records the seeds the teacher met (data split and noise of
+    ``seed``, students reset with ``seed + episode``) so that evaluation can refuse them."""
 
-    def __init__(self, path: Path, every: int, last: int):
-        self.path, self.every, self.last = path, every, last
+    def __init__(self, path: Path, every: int, last: int, seed: int):
+        self.path, self.every, self.last, self.seed = path, every, last, seed
 
     def on_step(self, run: TeachingRun) -> None:
         if run.step % self.every == 0 or run.step == self.last:
-            extra = {"step": run.step, "episode": run.episode + run.done}  # a finished episode resumes with the next
+            episode = run.episode + run.done  # a finished episode resumes with the next
+            extra = {"step": run.step, "episode": episode, "seeds_used": [self.seed, self.seed + run.episode]}
             if not run.done:
                 extra["env_state"] = run.env.unwrapped.state_dict()
             run.teacher.save(self.path, run.env, extra=extra)
@@ -199,7 +202,7 @@ def run_online(cfg: Any, run_dir: Path, env: gym.Env, teacher: Teacher, saved: d
         run.obs, run.next_info = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
     callbacks = [
         RunLog(run_dir, cfg, step),
-        Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps),
+        Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps, cfg.seed),
         ProgressBar(cfg.steps, step, f"{cfg.agent} on {cfg.dataset}", cfg.progress),
     ]
     started = time.perf_counter()
@@ -224,6 +227,7 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
     log = RunLog(run_dir, cfg, done_steps)
     bar = ProgressBar(cfg.steps, done_steps, f"{cfg.agent} on {cfg.dataset}", cfg.progress).bar
     last_saved = [done_steps]
+    seeds_used = [cfg.seed, cfg.seed]  # every episode draws from the data split and noise of cfg.seed
     started = time.perf_counter()
 
     def report(step: int, record: dict[str, Any]) -> None:
@@ -232,7 +236,7 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
         if "student/test_acc" in record:
             bar.set_postfix(test_acc=f"{record['student/test_acc']:.3f}", ret=f"{record.get('teacher/return', 0):.3f}")
         if step - last_saved[0] >= cfg.checkpoint_every or step >= cfg.steps:
-            teacher.save(run_dir / "teacher.pt", probe, extra={"step": step, "episode": 0})
+            teacher.save(run_dir / "teacher.pt", probe, extra={"step": step, "episode": 0, "seeds_used": seeds_used})
             last_saved[0] = step
 
     try:
@@ -240,7 +244,7 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(last_saved[0]) from None
-    teacher.save(run_dir / "teacher.pt", probe, extra={"step": cfg.steps, "episode": 0})
+    teacher.save(run_dir / "teacher.pt", probe, extra={"step": cfg.steps, "episode": 0, "seeds_used": seeds_used})
     bar.close()
     log.writer.close()
     return {**taught_student_summary(teacher, probe, cfg.seed), "seconds": time.perf_counter() - started}
@@ -256,15 +260,6 @@ def taught_student_summary(teacher: Teacher, env: gym.Env, seed: int) -> dict[st
         "selected_test_acc": selected_test_acc(curve.points),
         "auroc": stats.summary()["auroc"],
     }
-
-
-def selected_test_acc(points: list[tuple[int, float, float]]) -> float:
-    """Test accuracy at the evaluation with the best validation accuracy (the first such one): model
-    selection on the clean validation split only, never on the test set."""
-    if not points:
-        return float("nan")
-    best = max(range(len(points)), key=lambda i: (points[i][1], -i))
-    return points[best][2]
 
 
 def rl_horizon(cfg: Any) -> int:

@@ -31,6 +31,9 @@ CHECKPOINT_VERSION = 2  # 2: typed teacher options (one teacher_lr), env state h
 # name -> "module:Class". A new teacher is one file in agents/ and one line here.
 AGENTS: dict[str, str] = {
     "uniform": "agents.heuristics:UniformTeacher",
+    "clean_only": "agents.clean_data:CleanOnly",
+    "uniform_plus_clean": "agents.clean_data:UniformPlusClean",
+    "finetune": "agents.clean_data:Finetune",
     "oracle": "agents.heuristics:OracleReference",
     "spl": "agents.heuristics:SelfPacedTeacher",
     "small_loss": "agents.heuristics:SmallLossTeacher",
@@ -75,6 +78,7 @@ class Teacher:
     needs_handle: ClassVar[bool] = False
     needs_batch_size: ClassVar[bool] = False  # the teacher's network is tied to the batch size it was built for
     reference: ClassVar[bool] = False  # a reference that reads diagnostics (the oracle), never a teacher
+    env_overrides: ClassVar[dict[str, Any]] = {}  # Teaching-v0 arguments this agent needs (clean-data baselines)
 
     def __init__(self, **options: Any):
         try:

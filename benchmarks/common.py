@@ -67,7 +67,7 @@ def plain_training_step(env, student: str, batch_size: int, device: torch.device
 
     from students.models import make_student
 
-    data, labels = env.unwrapped.data, env.unwrapped.handle.noisy_labels
+    data, labels = env.unwrapped.data, env.unwrapped.handle.pool.y
     model = make_student(student, data.input_shape, data.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(0)

@@ -13,13 +13,33 @@ from gymnasium import spaces
 
 from envs.observation import FEATURE_TABLES, ObservationBuilder, clip_to_bounds, feature_bounds, observation_box
 from envs.rewards import make_reward
-from students.data import BatchSampler, load_dataset
+from students.data import BatchSampler, Dataset, Split, check_name, load_dataset
 from students.functional import LR_SCHEDULES, FunctionalStudent, SGDConfig
 from students.handle import StudentHandle
 from students.models import make_student
 from students.noise import corrupt_labels
 
 EVAL_CHUNK = 1024
+TRAIN_POOLS = ("noisy", "clean", "noisy+clean", "finetune")
+
+
+def training_pool(
+    data: Dataset, noisy_labels: torch.Tensor, corrupted: torch.Tensor, train_pool: str, switch_step: int
+) -> tuple[Split, torch.Tensor, list[tuple[int, int, int]]]:
+    """(the samples a student may train on with the labels it is given, which of those are corrupted,
+    the phases of an episode as (first step, first pool index, pool samples)). The clean split is
+    appended after the noisy one when a pool uses it; it keeps serving as validation data."""
+    n_train, n_val = len(data.train), len(data.val)
+    if train_pool == "noisy":
+        return Split(data.train.x, noisy_labels), corrupted, [(0, 0, n_train)]
+    pool = Split(torch.cat([data.train.x, data.val.x]), torch.cat([noisy_labels, data.val.y]))
+    mask = torch.cat([corrupted, torch.zeros(n_val, dtype=torch.bool, device=corrupted.device)])
+    phases = {
+        "clean": [(0, n_train, n_val)],
+        "noisy+clean": [(0, 0, n_train + n_val)],
+        "finetune": [(0, 0, n_train), (switch_step, n_train, n_val)],
+    }[train_pool]
+    return pool, mask, phases
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -109,7 +129,7 @@ class TeachingEnv(gym.Env):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         lr_schedule: str = "constant",
-        val_size: int = 1000,
+        val_size: float | None = None,
         train_size: int | None = None,
         student_kwargs: dict[str, Any] | None = None,
         data_root: str | None = None,
@@ -119,6 +139,8 @@ class TeachingEnv(gym.Env):
         tensor_obs: bool = False,
         divergence_penalty: float = -1.0,
         dtype: str = "float32",
+        train_pool: str = "noisy",
+        finetune_fraction: float = 0.2,
     ):
         """
         :param dataset: one of ``students.data.DATASETS``.
@@ -129,10 +151,15 @@ class TeachingEnv(gym.Env):
         :param reward: ``threshold``, ``accuracy`` or ``delta``; ``threshold`` is its accuracy level.
         :param eval_every: updates between validation (and test) evaluations; also at the last step.
         :param lr, momentum, weight_decay, lr_schedule: the student's SGD (see ``SGDConfig``).
-        :param val_size: clean validation samples carved from the training set.
+        :param val_size: clean validation split carved from the training set: a count, a fraction
+            (< 1), or None for 10% of it, at most 1,000 (see ``students.data.clean_split_size``).
         :param train_size: keep at most this many training samples.
         :param seed: seeds the validation split, the subset and the label noise.
         :param dtype: ``float32`` or ``float64`` for the student and its data (observations stay float32).
+        :param train_pool: what the student trains on: ``noisy`` (the noisy training split), ``clean``
+            (the clean validation split alone), ``noisy+clean`` (both), or ``finetune`` (the noisy split,
+            then the clean split for the last ``finetune_fraction`` of the horizon). The clean-data
+            baselines use the last three; teachers use ``noisy``.
         """
         if horizon < 1 or eval_every < 1:
             raise ValueError(f"horizon and eval_every must be >= 1, got {horizon} and {eval_every}")
@@ -143,19 +170,28 @@ class TeachingEnv(gym.Env):
         self.device, self.dtype = resolve_device(device), getattr(torch, dtype)
         self.data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download).to(self.dtype)
         noisy_labels, corrupted = corrupt_labels(self.data.train.y, self.data.num_classes, noise, noise_rate, seed)
+        check_name("train_pool", train_pool, TRAIN_POOLS)
+        if not 0 < finetune_fraction < 1:
+            raise ValueError(f"finetune_fraction must be in (0, 1), got {finetune_fraction}")
+        pool, pool_corrupted, self.phases = training_pool(
+            self.data, noisy_labels, corrupted, train_pool, round((1 - finetune_fraction) * horizon)
+        )
         self.student_name, self.student_kwargs = student, dict(student_kwargs or {})
         make_student(student, self.data.input_shape, self.data.num_classes, **self.student_kwargs)  # refuse misfits now
-        if not 0 < batch_size <= len(self.data.train):
-            raise ValueError(f"batch_size must be in [1, {len(self.data.train)}] (the training set's size), got {batch_size}")
+        smallest = min(size for _, _, size in self.phases)
+        if not 0 < batch_size <= smallest:
+            where = "the training set's size" if train_pool == "noisy" else f"the smallest data pool of train_pool {train_pool!r}"
+            raise ValueError(f"batch_size must be in [1, {smallest}] ({where}), got {batch_size}")
         self.config = dict(
             dataset=dataset, student=student, noise=noise, noise_rate=noise_rate, batch_size=batch_size,
             horizon=horizon, reward=reward, threshold=threshold, eval_every=eval_every, lr=lr, momentum=momentum,
             weight_decay=weight_decay, lr_schedule=lr_schedule, val_size=val_size, train_size=train_size,
-            student_kwargs=self.student_kwargs, seed=seed, dtype=dtype,
+            student_kwargs=self.student_kwargs, seed=seed, dtype=dtype, train_pool=train_pool,
+            finetune_fraction=finetune_fraction,
         )  # fmt: skip
         self.batch_size, self.horizon, self.eval_every, self.seed = batch_size, horizon, eval_every, seed
         self.sgd = SGDConfig(lr, momentum, weight_decay, lr_schedule)
-        self.handle = StudentHandle(self.data, noisy_labels, corrupted, self.sgd)
+        self.handle = StudentHandle(self.data, pool, pool_corrupted, self.sgd)
         self.reward_fn = make_reward(reward, horizon, self.data.num_classes, threshold)
         self.tensor_obs, self.divergence_penalty = tensor_obs, divergence_penalty
         self.action_space = spaces.Box(0.0, 1.0, (batch_size,), np.float32)
@@ -174,13 +210,16 @@ class TeachingEnv(gym.Env):
             seed = self.seed
         super().reset(seed=seed)
         self._seeded = True
-        student_seed, order_seed = (int(s) for s in self.np_random.integers(2**31 - 1, size=2))
+        student_seed, order_seed, val_seed = (int(s) for s in self.np_random.integers(2**31 - 1, size=3))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(student_seed)
             model = make_student(self.student_name, self.data.input_shape, self.data.num_classes, **self.student_kwargs)
-        self.handle.start(FunctionalStudent(model.to(self.device, self.dtype)), val_seed=self.seed + 1)
-        self.sampler = BatchSampler(len(self.data.train), self.batch_size, order_seed, self.device)
-        self.features = ObservationBuilder(len(self.data.train), self.data.num_classes, self.device)
+        self.handle.start(FunctionalStudent(model.to(self.device, self.dtype)), val_seed=val_seed)
+        self.samplers = [
+            BatchSampler(size, self.batch_size, order_seed + i, self.device, offset)
+            for i, (_, offset, size) in enumerate(self.phases)
+        ]
+        self.features = ObservationBuilder(len(self.handle.pool), self.data.num_classes, self.device)
         self.reward_fn.reset()
         self._set_step(0)
         self._has_diverged = False
@@ -299,6 +338,11 @@ class TeachingEnv(gym.Env):
         """True between ``reset`` and the episode's end (a batch is waiting for its update)."""
         return self.handle.batch_losses is not None
 
+    @property
+    def sampler(self) -> BatchSampler:
+        """The batch sampler of the current phase of the episode (see ``train_pool``)."""
+        return self.samplers[sum(self.t >= start for start, _, _ in self.phases[1:])]
+
     def _set_step(self, t: int) -> None:
         """Advance the episode's clock; the handle learns the learning rate of the next update."""
         self.t = t
@@ -331,7 +375,7 @@ class TeachingEnv(gym.Env):
         return {
             "config": dict(self.config), "student": self.handle.state_dict(),
             "t": self.t, "np_random": self.np_random.bit_generator.state,
-            "sampler": self.sampler.state_dict(), "features": self.features.state_dict(),
+            "samplers": [s.state_dict() for s in self.samplers], "features": self.features.state_dict(),
             "reward": dict(vars(self.reward_fn)), "val": [self.val_loss_last, self.val_acc_last, self.best_val_acc],
             "obs": {k: v.detach().cpu().clone() for k, v in self._last_obs.items()},
         }  # fmt: skip
@@ -347,7 +391,8 @@ class TeachingEnv(gym.Env):
         self._set_step(state["t"])
         self._has_diverged = False
         self.np_random.bit_generator.state = state["np_random"]
-        self.sampler.load_state_dict(state["sampler"])
+        for sampler, saved in zip(self.samplers, state["samplers"]):
+            sampler.load_state_dict(saved)
         self.features.load_state_dict(state["features"])
         vars(self.reward_fn).update(state["reward"])
         self.val_loss_last, self.val_acc_last, self.best_val_acc = state["val"]

@@ -73,7 +73,7 @@ def check_name(kind: str, name: str, valid: tuple[str, ...] | list[str]) -> None
 def load_dataset(
     name: str = "mnist1d",
     data_root: str | Path | None = None,
-    val_size: int = 1000,
+    val_size: float | None = None,
     train_size: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -81,6 +81,8 @@ def load_dataset(
 ) -> Dataset:
     """Load ``name``, carve a clean validation split of ``val_size`` from its training set, normalise.
 
+    :param val_size: a count (>= 1), a fraction of the training set (< 1), or None for the default
+        (``DEFAULT_VAL_FRACTION`` of it, at most ``DEFAULT_VAL_CAP``, as in Meta-Weight-Net).
     :param train_size: keep at most this many training samples (after the validation split).
     :param seed: seeds the train/validation split and the subset; the files themselves are fixed.
     :param download: let torchvision download missing files (never done unless asked).
@@ -88,8 +90,7 @@ def load_dataset(
     check_name("dataset", name, DATASETS)
     x_train, y_train, x_test, y_test = _load_arrays(name, str(data_root) if data_root else None, download)
     n = len(y_train)
-    if not 0 < val_size < n:
-        raise ValueError(f"val_size must be in (0, {n}) for {name} ({n} training samples), got {val_size}")
+    val_size = clean_split_size(val_size, n, name)
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = order[:val_size], order[val_size:]
     if train_size is not None:
@@ -109,6 +110,30 @@ def load_dataset(
         test=split(x_test, y_test),
         num_classes=int(max(y_train.max(), y_test.max())) + 1,
     )
+
+
+DEFAULT_VAL_FRACTION, DEFAULT_VAL_CAP = 0.1, 1000
+
+
+def clean_split_size(val_size: float | None, n: int, name: str = "the dataset") -> int:
+    """Samples of the clean validation split carved from ``n`` training samples: a count, a fraction,
+    or the default; never more than what is left for training (a ValueError says so)."""
+    if val_size is None:
+        return max(1, min(DEFAULT_VAL_CAP, round(DEFAULT_VAL_FRACTION * n)))
+    if not val_size > 0:
+        raise ValueError(f"val_size must be a positive count or a fraction in (0, 1), got {val_size}")
+    if val_size < 1:
+        count = max(1, round(val_size * n))
+    elif float(val_size).is_integer():
+        count = int(val_size)
+    else:
+        raise ValueError(f"val_size must be a whole count (>= 1) or a fraction in (0, 1), got {val_size}")
+    if count > n - count:
+        raise ValueError(
+            f"val_size {val_size} would keep {count} of {name}'s {n} training samples as clean validation data, "
+            f"more than the {n - count} left for training; use at most {n // 2} (or a fraction <= 0.5)"
+        )
+    return count
 
 
 def _normalisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,10 +256,11 @@ class BatchSampler:
     the device) and moved to the data's device once per epoch.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, device: str | torch.device = "cpu"):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, device: str | torch.device = "cpu", offset: int = 0):
+        """Batches of indices ``offset .. offset + num_samples - 1``."""
         if not 0 < batch_size <= num_samples:
             raise ValueError(f"batch_size must be in [1, {num_samples}] (the training set's size), got {batch_size}")
-        self.num_samples, self.batch_size, self.device = num_samples, batch_size, device
+        self.num_samples, self.batch_size, self.device, self.offset = num_samples, batch_size, device, offset
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_per_epoch = num_samples // batch_size
         self._epoch_batches: list[torch.Tensor] = []
@@ -254,7 +280,7 @@ class BatchSampler:
     def next(self) -> torch.Tensor:
         """The next batch of indices, shape (batch_size,), on the data's device."""
         if not self._epoch_batches:
-            order = torch.randperm(self.num_samples, generator=self.generator).to(self.device)
+            order = (torch.randperm(self.num_samples, generator=self.generator) + self.offset).to(self.device)
             usable = order[: self.batches_per_epoch * self.batch_size]
             self._epoch_batches = list(usable.view(self.batches_per_epoch, self.batch_size).unbind(0))[::-1]
             self.epoch += 1

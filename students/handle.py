@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from students.data import Dataset
+from students.data import Dataset, Split
 from students.functional import FunctionalStudent, Params, SGDConfig, sgd_update
 
 
@@ -35,8 +35,10 @@ class Transition:
 class StudentHandle:
     """Differentiable access to the student an env trains (see the module docstring)."""
 
-    def __init__(self, data: Dataset, noisy_labels: torch.Tensor, corrupted: torch.Tensor, sgd: SGDConfig):
-        self.data, self.noisy_labels, self.corrupted, self.sgd = data, noisy_labels, corrupted, sgd
+    def __init__(self, data: Dataset, pool: Split, corrupted: torch.Tensor, sgd: SGDConfig):
+        """:param pool: what the student trains on, with the labels it is given (batch indices index it);
+        :param corrupted: which of those labels are wrong (diagnostics only)."""
+        self.data, self.pool, self.corrupted, self.sgd = data, pool, corrupted, sgd
         self.student: FunctionalStudent | None = None
         self.params: Params = {}
         self.buffers: Params = {}
@@ -61,7 +63,7 @@ class StudentHandle:
         """Forward the batch ``indices`` (train mode; BatchNorm statistics advance, as in real training)
         and keep its per-sample losses for the update; returns (logits, hidden states, given labels)."""
         self.batch_indices = indices
-        x, y = self.data.train.x[indices], self.noisy_labels[indices]
+        x, y = self.pool.x[indices], self.pool.y[indices]
         logits, hidden = self.student.forward(self.params, self.buffers, x, train=True)
         self.batch_losses = F.cross_entropy(logits, y, reduction="none")
         return logits, hidden, y
@@ -94,7 +96,7 @@ class StudentHandle:
     def per_sample_losses(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
         """Training losses of the samples ``indices`` under ``params`` (train mode, so BatchNorm uses
         batch statistics; the running statistics are left untouched)."""
-        return self.student.per_sample_losses(params, self.buffers, self.data.train.x[indices], self.noisy_labels[indices])
+        return self.student.per_sample_losses(params, self.buffers, self.pool.x[indices], self.pool.y[indices])
 
     def replay_update(
         self, transition: Transition, params: Params, momentum: Params, weights: torch.Tensor, create_graph: bool

@@ -78,3 +78,14 @@ def test_noise_rate_outside_unit_interval_is_refused(rate):
 def test_unknown_noise_lists_valid_ones():
     with pytest.raises(ValueError, match="valid noises: none, symmetric, pairflip"):
         corrupt_labels(torch.zeros(10, dtype=torch.long), 10, "gaussian", 0.2, seed=0)
+
+
+def test_clean_split_size_is_a_count_a_fraction_or_the_default_and_never_exceeds_training():
+    assert len(load_dataset("digits").val) == 144  # default: 10% of digits' 1437 training images
+    assert len(load_dataset("mnist1d").val) == 800  # 10% of 8000
+    assert len(load_dataset("digits", val_size=0.05).val) == 72
+    assert len(load_dataset("digits", val_size=150).val) == 150
+    with pytest.raises(ValueError, match="more than the 437 left for training"):
+        load_dataset("digits", val_size=1000)
+    with pytest.raises(ValueError, match="whole count"):
+        load_dataset("digits", val_size=10.5)

@@ -12,6 +12,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from agents import make_agent
+from agents.loop import start, teach
 from envs.observation import ObservationBuilder
 from students.data import load_dataset
 from students.models import make_student
@@ -69,7 +71,7 @@ def test_uniform_weights_reproduce_a_plain_pytorch_loop():
         env.step(np.ones(16, np.float32))
         optimizer.zero_grad()
         logits, _ = model(unwrapped.data.train.x[batch])
-        F.cross_entropy(logits, unwrapped.handle.noisy_labels[batch]).backward()
+        F.cross_entropy(logits, unwrapped.handle.pool.y[batch]).backward()
         optimizer.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(unwrapped.handle.params[name].detach(), p.detach(), atol=1e-6, rtol=0, msg=name)
@@ -80,7 +82,7 @@ def test_validation_and_test_labels_stay_clean_and_mask_matches():
     data = load_dataset("digits", val_size=200, seed=0)
     assert torch.equal(env.data.val.y, data.val.y) and torch.equal(env.data.test.y, data.test.y)
     handle = env.handle
-    assert torch.equal(handle.corrupted, handle.noisy_labels != data.train.y)
+    assert torch.equal(handle.corrupted, handle.pool.y != data.train.y)
     _, info = env.reset(seed=0)
     assert np.array_equal(info["corrupted"], handle.corrupted[handle.batch_indices].numpy())
 
@@ -249,13 +251,6 @@ def test_internal_features_unchanged_by_a_permutation_folded_into_the_weights():
         torch.testing.assert_close(a["internal"], b["internal"], atol=1e-5, rtol=1e-5, msg=f"step {step}")
 
 
-def test_info_has_no_label_leak_in_the_observation():
-    env = make_env(noise_rate=0.0)
-    obs, info = env.reset(seed=0)
-    assert set(obs) == {"global", "samples", "internal"}
-    assert not info["corrupted"].any()
-
-
 def test_tensor_observations_live_on_the_env_device():
     env = make_tensor_env()
     obs, info = env.reset(seed=0)
@@ -275,3 +270,70 @@ def test_a_pickled_env_continues_identically():
         a, b = env.step(np.ones(16, np.float32)), clone.step(np.ones(16, np.float32))
         np.testing.assert_array_equal(a[0]["internal"], b[0]["internal"], err_msg=f"step {step}")
         assert a[1:4] == b[1:4]
+
+
+@pytest.mark.parametrize("pool", ["clean", "noisy+clean", "finetune"])
+def test_clean_data_pools_train_on_the_clean_split_with_its_true_labels(pool):
+    env = make_tensor_env(noise_rate=0.4, train_pool=pool, horizon=40, finetune_fraction=0.25)
+    handle, n_train = env.unwrapped.handle, len(env.unwrapped.data.train)
+    _, info = env.reset(seed=0)
+    batches = [handle.batch_indices.clone()]
+    for _ in range(39):
+        _, _, done, _, info = env.step(torch.ones(16))
+        if not done:
+            batches.append(handle.batch_indices.clone())
+    assert torch.equal(handle.pool.y[n_train:], env.unwrapped.data.val.y) and not handle.corrupted[n_train:].any()
+    clean = [bool((b >= n_train).all()) for b in batches]
+    noisy = [bool((b < n_train).all()) for b in batches]
+    if pool == "clean":
+        assert all(clean)
+    elif pool == "finetune":  # the last quarter of the 40 updates uses the clean split
+        assert all(noisy[:30]) and all(clean[30:])
+    else:
+        assert any(not c and not n for c, n in zip(clean, noisy)), "batches mix both splits"
+
+
+def test_a_pool_smaller_than_the_batch_is_refused_by_name():
+    with pytest.raises(ValueError, match="smallest data pool of train_pool 'clean'"):
+        make_env(train_pool="clean", val_size=10)
+
+
+def test_reset_with_a_seed_replays_the_episode_exactly_meta_grad_included():
+    """``reset(seed=s)`` reseeds everything that draws in an episode (student, batch order and the
+    validation batches of meta-gradients): 50 steps of meta_grad on one env, twice, are identical."""
+    env = make_tensor_env(horizon=60)
+    trajectories = []
+    for _ in range(2):
+        teacher = make_agent("meta_grad", seed=0)
+        run = start(env, teacher.train(), seed=5)
+        weights, losses = [], []
+        for _ in range(50):
+            teach(run, 1)
+            weights.append(run.weights.detach().clone())
+            losses.append(run.scalars["meta_loss"])
+        trajectories.append((torch.stack(weights), losses))
+    assert torch.equal(trajectories[0][0], trajectories[1][0]) and trajectories[0][1] == trajectories[1][1]
+    assert not torch.equal(trajectories[0][0][0], trajectories[0][0][-1]), "the teacher learned (weights moved)"
+
+
+def test_which_labels_are_corrupted_never_reaches_the_observation():
+    """Real noise, two different corruption masks over the same given labels: the observation is
+    identical (it depends on the labels the student is given, never on whether they are wrong)."""
+    env = make_env(noise_rate=0.4)
+    handle = env.unwrapped.handle
+    obs_a, info_a = env.reset(seed=0)
+    assert set(obs_a) == {"global", "samples", "internal"}
+    assert info_a["corrupted"].any() and not info_a["corrupted"].all()
+    handle.corrupted = ~handle.corrupted  # flip which labels count as corrupted; given labels unchanged
+    obs_b, info_b = env.reset(seed=0)
+    assert (info_b["corrupted"] == ~info_a["corrupted"]).all()
+    for key in obs_a:
+        np.testing.assert_array_equal(obs_a[key], obs_b[key], err_msg=key)
+    for _ in range(5):
+        obs_a2 = env.step(np.linspace(0, 1, 16, dtype=np.float32))[0]
+    handle.corrupted = ~handle.corrupted
+    env.reset(seed=0)
+    for _ in range(5):
+        obs_b2 = env.step(np.linspace(0, 1, 16, dtype=np.float32))[0]
+    for key in obs_a2:
+        np.testing.assert_array_equal(obs_a2[key], obs_b2[key], err_msg=key)

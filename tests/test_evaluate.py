@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import evaluate
+import reporting
 import train_teacher
 
 SMALL = ["--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}", "--batch-size", "16", "--val-size", "200",
@@ -38,20 +39,23 @@ def test_small_suite_runs_end_to_end_and_writes_every_output(tmp_path):
         section = report.split(f"## digits / mlp / {noise} 0.4")[1].split("##")[0]
         rows_md = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| agent")]
         assert len(rows_md) == 4
-        accs = [float(line.split("|")[2].split()[0]) for line in rows_md]
-        assert accs == sorted(accs, reverse=True), "the table is sorted by test accuracy"
+        accs = [float(line.split("|")[3].split()[0]) for line in rows_md]
+        assert accs == sorted(accs, reverse=True), "the table is sorted by test accuracy at best validation accuracy"
+    assert "best_test_acc" not in report and "oracle_best_test_acc" in table[0], "no selection on test in the report"
+    assert "train 1237 (noisy labels), clean 200, test 360" in report
 
 
 def test_statistics_match_hand_computed_values():
-    s = evaluate.summarise([1.0, 2.0, 3.0, float("nan")])  # NaN (never reached) is left out
+    s = reporting.summarise([1.0, 2.0, 3.0, float("nan")])  # NaN (never reached) is left out
     assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == 1.0
     assert s["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) = 4.302653
-    single = evaluate.summarise([0.7])
+    single = reporting.summarise([0.7])
     assert single["mean"] == 0.7 and math.isnan(single["std"]) and math.isnan(single["ci95"])
     curve = [(100, 0.4, 0.41), (200, 0.55, 0.5), (300, 0.7, 0.69)]
-    assert evaluate.steps_to_threshold(curve, 0.5) == 200
-    assert evaluate.steps_to_threshold(curve, 0.7) == 300
-    assert math.isnan(evaluate.steps_to_threshold(curve, 0.8))
+    assert reporting.steps_to_threshold(curve, 0.5) == 200
+    assert reporting.steps_to_threshold(curve, 0.7) == 300
+    assert math.isnan(reporting.steps_to_threshold(curve, 0.8))
+    assert reporting.selected_test_acc([(1, 0.5, 0.3), (2, 0.7, 0.6), (3, 0.7, 0.9), (4, 0.6, 0.95)]) == 0.6  # first best val
     rows = [
         {
             "agent": "uniform",
@@ -81,7 +85,7 @@ def test_statistics_match_hand_computed_values():
             "student_kwargs": "null",
         },
     ]
-    evaluate.add_uniform_ratio(rows)
+    reporting.add_uniform_ratio(rows)
     assert [r["time_ratio_to_uniform"] for r in rows] == [0.5, 1.5, 2.0]
 
 
@@ -100,13 +104,17 @@ def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path):
     run = tmp_path / "teacher"
     train_teacher.main(["--agent", "meta_grad", "--out", str(run), "--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}",
                         "--batch-size", "16", "--val-size", "200", "--steps", "40", "--eval-every", "20", "--no-progress"])  # fmt: skip
-    rows = evaluate.main(["--out", str(tmp_path / "t"), "--agents", "uniform", "--teachers", str(run), "--dataset", "mnist1d",
-                          "--student", "cnn", "--student-kwargs", "{channels: [4, 8], fc: 16}", "--batch-size", "16",
-                          "--steps", "40", "--eval-every", "20", "--no-progress", "--seeds", "1"])  # fmt: skip
+    target = ["--agents", "uniform", "--teachers", str(run), "--dataset", "mnist1d", "--student", "cnn",
+              "--student-kwargs", "{channels: [4, 8], fc: 16}", "--batch-size", "16", "--steps", "40", "--eval-every", "20",
+              "--no-progress", "--seeds", "2"]  # fmt: skip
+    with pytest.raises(SystemExit):  # the teacher met seed 0 (its data split, noise draw and student): in-sample
+        evaluate.main(["--out", str(tmp_path / "in-sample"), *target, "--seed", "0"])
+    rows = evaluate.main(["--out", str(tmp_path / "t"), *target, "--seed", "1"])
     transferred = [r for r in rows if r["teacher_path"]]
     assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric0.4" and not transferred[0]["online"]
     report = (tmp_path / "t" / "report.md").read_text()
-    assert "## Transfer pairs" in report and "digits/mlp/symmetric0.4 | mnist1d/cnn/symmetric0.4 | frozen" in report
+    assert "## Transfer pairs" in report and "digits/mlp/symmetric0.4 | mnist1d/cnn/symmetric0.4 (1-2) | frozen" in report
+    assert not (tmp_path / "in-sample").exists()
 
 
 def _exit_2(capsys, tmp_path, *argv: str) -> str:
@@ -151,3 +159,67 @@ def test_auroc_and_weights_are_recorded_per_run(tmp_path):
     assert by_agent["uniform"]["auroc"] == 0.5
     assert by_agent["small_loss"]["weight_clean"] > by_agent["small_loss"]["weight_corrupted"]
     assert np.isfinite(by_agent["small_loss"]["steps_to_0.3"]) and np.isnan(by_agent["small_loss"]["steps_to_0.99"])
+
+
+def test_paired_differences_against_hand_computed_values():
+    """Differences are paired by seed (an unpaired seed is left out); a tie is within half a point."""
+    reference = [{"seed": s, "selected_test_acc": a} for s, a in [(0, 0.50), (1, 0.60), (2, 0.70), (3, 0.10)]]
+    rows = [{"seed": s, "selected_test_acc": a} for s, a in [(0, 0.60), (1, 0.602), (2, 0.65), (9, 0.99)]]
+    result = reporting.paired(rows, reference)
+    diffs = np.array([0.10, 0.002, -0.05])
+    assert result["n"] == 3 and result["mean"] == pytest.approx(diffs.mean())
+    assert result["ci95"] == pytest.approx(4.302653 * diffs.std(ddof=1) / math.sqrt(3), rel=1e-6)
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 1, 1)
+    assert reporting.fmt_paired(result).endswith("(1/1/1)")
+
+
+def test_clean_data_baselines_are_compared_and_paired(tmp_path):
+    rows = _evaluate(tmp_path, "--agents", "uniform,clean_only,finetune,small_loss,oracle", "--seeds", "2")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "clean_only (clean data)" in report and "*oracle (reference: reads the noise mask)*" in report
+    summary = json.loads((tmp_path / "report" / "results.json").read_text())["summary"]
+    line = next(s for s in summary if s["agent"] == "small_loss")
+    assert line["best_clean"] in ("clean_only", "finetune") and line["vs_best_clean"]["n"] == 2
+    assert line["vs_uniform"]["n"] == 2
+    oracle = {r["seed"]: r for r in rows if r["agent"] == "oracle"}
+    assert all(r["weight_corrupted"] == 0 and r["weight_clean"] == 1 and r["auroc"] == 1 for r in oracle.values())
+
+
+def test_tuning_chooses_by_validation_on_disjoint_seeds_and_is_reported(tmp_path):
+    rows = _evaluate(tmp_path, "--agents", "uniform,mwnet", "--seeds", "1", "--tune", "{lr: [0.0001, 0.1], teacher_lr: [0.001, 0.01]}",
+                     "--tune-seeds", "1")  # fmt: skip
+    data = json.loads((tmp_path / "report" / "results.json").read_text())
+    chosen = {t["agent"]: t for t in data["tuning"]}
+    assert chosen["uniform"]["lr"] == 0.1 and chosen["uniform"]["candidates"] == 2  # lr 1e-4 barely moves in 40 steps
+    assert chosen["mwnet"]["candidates"] == 4 and chosen["mwnet"]["teacher_lr"] in (0.001, 0.01)
+    assert {r["agent"]: r["lr"] for r in rows} == {"uniform": 0.1, "mwnet": chosen["mwnet"]["lr"]}
+    assert {r["seed"] for r in rows} == {0}
+    tuning_seeds = {json.loads(line)["row"]["seed"] for line in (tmp_path / "report" / "runs.jsonl").read_text().splitlines()}
+    assert tuning_seeds == {0, 1000}
+    assert "## Tuned values" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        _evaluate(tmp_path, "--agents", "uniform", "--tune", "{lr: [0.1]}", "--tune-seed", "0", name="overlap")
+
+
+def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, monkeypatch):
+    argv = ["--agents", "uniform,small_loss", "--seeds", "2"]
+    whole = _evaluate(tmp_path, *argv, name="whole")
+    real_run_job, calls = evaluate.run_job, []
+
+    def crash_on_third(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_run_job(job)
+
+    monkeypatch.setattr(evaluate, "run_job", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(tmp_path, *argv, name="cut")
+    assert len((tmp_path / "cut" / "runs.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):  # an existing benchmark is not overwritten
+        _evaluate(tmp_path, *argv, name="cut")
+    calls.clear()
+    monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job) or real_run_job(job))
+    resumed = _evaluate(tmp_path, *argv, "--resume", name="cut")
+    assert len(calls) == 2, "only the missing runs ran"
+    assert json.dumps(_deterministic(resumed), sort_keys=True) == json.dumps(_deterministic(whole), sort_keys=True)

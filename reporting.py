@@ -1,0 +1,277 @@
+"""Statistics and outputs of a benchmark (``evaluate.py``): aggregates over seeds, differences paired
+by seed against ``uniform`` and against the best clean-data baseline, report.md, CSV/JSON, plots.
+
+Every headline number is selected on the clean validation split, never on the test set: the final
+test accuracy, and the test accuracy at the evaluation with the best validation accuracy. (The max
+over test evaluations is kept only as ``oracle_best_test_acc`` in the CSV/JSON, for diagnostics.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+SETTING_KEYS = ("dataset", "student", "noise", "noise_rate", "student_kwargs")
+CLEAN_BASELINES = ("clean_only", "uniform_plus_clean", "finetune")
+HEADLINE = "selected_test_acc"  # the metric paired differences are taken on
+TIE = 0.005  # |difference| up to half a point of accuracy counts as a tie
+METRICS = ("final_test_acc", "selected_test_acc", "best_val_acc", "auroc", "seconds_per_step", "time_ratio_to_uniform")
+
+
+def steps_to_threshold(curve: list[tuple[int, float, float]], threshold: float) -> float:
+    """The first evaluated step at which validation accuracy reached ``threshold`` (NaN if never)."""
+    return next((float(step) for step, val_acc, _ in curve if val_acc >= threshold), float("nan"))
+
+
+def selected_test_acc(curve: list[tuple[int, float, float]]) -> float:
+    """Test accuracy at the evaluation with the best validation accuracy (the first such one)."""
+    if not curve:
+        return float("nan")
+    best = max(range(len(curve)), key=lambda i: (curve[i][1], -i))
+    return curve[best][2]
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    """Mean, sample std (ddof 1), the half-width of a 95% t confidence interval, and n, over the
+    finite values."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+    std = float(x.std(ddof=1)) if n > 1 else float("nan")
+    half = float(scipy_stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": float(x.mean()), "std": std, "ci95": half, "n": n}
+
+
+def paired(rows: list[dict[str, Any]], reference: list[dict[str, Any]], metric: str = HEADLINE) -> dict[str, Any]:
+    """Differences ``rows - reference`` of ``metric`` paired by seed: their ``summarise`` plus wins /
+    ties / losses (a tie is within ``TIE``)."""
+    by_seed = {r["seed"]: r[metric] for r in reference}
+    diffs = [r[metric] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+    diffs = [d for d in diffs if np.isfinite(d)]
+    return {
+        **summarise(diffs),
+        "wins": sum(d > TIE for d in diffs),
+        "ties": sum(abs(d) <= TIE for d in diffs),
+        "losses": sum(d < -TIE for d in diffs),
+    }
+
+
+def setting_key(row: dict[str, Any]) -> tuple:
+    return tuple(row[k] for k in SETTING_KEYS)
+
+
+def add_uniform_ratio(rows: list[dict[str, Any]]) -> None:
+    """Each run's time per step divided by the mean time per step of ``uniform`` in its setting."""
+    uniform: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["agent"] == "uniform":
+            uniform.setdefault(setting_key(r), []).append(r["seconds_per_step"])
+    for r in rows:
+        base = uniform.get(setting_key(r))
+        r["time_ratio_to_uniform"] = r["seconds_per_step"] / float(np.mean(base)) if base else float("nan")
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (setting, agent): each metric's mean, std, 95% CI and n, and the paired
+    differences against ``uniform`` and against the setting's best clean-data baseline (the one with
+    the highest mean test accuracy at best validation: the comparator least favourable to teachers)."""
+    groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        groups.setdefault(setting_key(r), {}).setdefault(r["agent"], []).append(r)
+    table = []
+    for agents in groups.values():
+        baselines = [a for a in CLEAN_BASELINES if a in agents]
+        best_clean = max(baselines, key=lambda a: summarise([r[HEADLINE] for r in agents[a]])["mean"], default=None)
+        for agent, group in agents.items():
+            first = group[0]
+            line = {k: first[k] for k in (*SETTING_KEYS, "agent", "trained_on", "online", "n_train", "n_clean", "n_test")}
+            line.update({m: summarise([r[m] for r in group]) for m in METRICS})
+            line["seeds"] = sorted(r["seed"] for r in group)
+            line["lr"], line["options"] = first["lr"], first["options"]
+            line["vs_uniform"] = paired(group, agents["uniform"]) if "uniform" in agents and agent != "uniform" else None
+            vs_clean = best_clean is not None and agent != best_clean and agent not in CLEAN_BASELINES
+            line["best_clean"] = best_clean
+            line["vs_best_clean"] = paired(group, agents[best_clean]) if vs_clean else None
+            table.append(line)
+    return table
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
+    """``mean ± std [±CI]`` of a ``summarise`` result, for the report's tables."""
+    if not stat or stat["n"] == 0:
+        return "-"
+    text = f"{scale * stat['mean']:{'+' if sign else ''}.{digits}f}"
+    if stat["n"] > 1:
+        text += f" ± {scale * stat['std']:.{digits}f} [±{scale * stat['ci95']:.{digits}f}]"
+    return text
+
+
+def fmt_paired(stat: dict[str, Any] | None) -> str:
+    """``+d [lo, hi] W/T/L`` of a ``paired`` result, in accuracy points."""
+    if not stat or stat["n"] == 0:
+        return "-"
+    mean = 100 * stat["mean"]
+    if stat["n"] < 2:
+        return f"{mean:+.1f} ({stat['wins']}/{stat['ties']}/{stat['losses']})"
+    half = 100 * stat["ci95"]
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] ({stat['wins']}/{stat['ties']}/{stat['losses']})"
+
+
+def agent_label(line: dict[str, Any]) -> str:
+    if line["agent"] == "oracle":
+        return "*oracle (reference: reads the noise mask)*"
+    if line["agent"] in CLEAN_BASELINES:
+        return f"{line['agent']} (clean data)"
+    return line["agent"]
+
+
+def write_report(out: Path, config: dict[str, Any], table: list[dict[str, Any]], tuning: list[dict[str, Any]]) -> None:
+    """report.md: the settings, one table per setting sorted by test accuracy at best validation
+    accuracy, paired differences, the tuned values, and the transfer pairs with their seeds."""
+    skip = {"agents", "teachers", "out", "progress", "workers", "resume"}
+    lines = ["# Teacher benchmark", "", "## Settings", ""]
+    lines += [f"- `{k}`: {v}" for k, v in config.items() if k not in skip]
+    lines += [
+        "",
+        "Accuracies in %: mean ± std [95% t-interval half-width] over seeds. **test @ best val** is the test accuracy at the "
+        "evaluation with the best clean validation accuracy (selection on validation only). **Δ** columns are differences "
+        "of test @ best val paired by seed, mean [95% interval] (wins/ties/losses; a tie is within "
+        f"{100 * TIE:.1f} points), against `uniform` and against the best clean-data baseline of the setting "
+        "(chosen by its mean test accuracy, the comparator least favourable to teachers). `time x`: time per student "
+        "step relative to `uniform`. The oracle is a reference that reads the corruption mask, not a teacher.",
+        "",
+    ]
+    by_setting: dict[tuple, list[dict[str, Any]]] = {}
+    for line in table:
+        by_setting.setdefault(tuple(line[k] for k in SETTING_KEYS), []).append(line)
+    header = "| agent | final test | test @ best val | Δ vs uniform | Δ vs best clean | AUROC | time x |"
+    for setting, group in by_setting.items():
+        dataset, student, noise, rate, kwargs = setting
+        first = group[0]
+        title = f"## {dataset} / {student} / {noise} {rate}" + (f" ({kwargs})" if kwargs != "null" else "")
+        sizes = f"train {first['n_train']} (noisy labels), clean {first['n_clean']}, test {first['n_test']}"
+        seeds = ", ".join(map(str, first["seeds"]))
+        lines += [title, "", f"{sizes}; seeds {seeds}; best clean-data baseline: {first['best_clean'] or '-'}", "", header]
+        lines.append("|---|---|---|---|---|---|---|")
+        for line in sorted(group, key=lambda r: -np.nan_to_num(r[HEADLINE]["mean"], nan=-1)):
+            lines.append(
+                f"| {agent_label(line)} | {fmt(line['final_test_acc'], 100, 1)} | {fmt(line[HEADLINE], 100, 1)} | "
+                f"{fmt_paired(line['vs_uniform'])} | {fmt_paired(line['vs_best_clean'])} | {fmt(line['auroc'], 1, 3)} | "
+                f"{fmt(line['time_ratio_to_uniform'], 1, 2)} |"
+            )
+        lines.append("")
+    if tuning:
+        lines += [
+            "## Tuned values",
+            "",
+            "Chosen per (setting, agent) by mean best validation accuracy on the tuning seeds (disjoint from the reported ones).",
+            "",
+            "| setting | agent | lr | teacher_lr | best val acc (tuning) | candidates |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in tuning:
+            lines.append(
+                f"| {t['setting']} | {t['agent']} | {t['lr']:g} | {t.get('teacher_lr', '-')} | "
+                f"{100 * t['score']:.1f} | {t['candidates']} |"
+            )
+        lines.append("")
+    transfers = [line for line in table if line["trained_on"]]
+    if transfers:
+        lines += [
+            "## Transfer pairs",
+            "",
+            "| teacher | trained on (seeds) | evaluated on (seeds) | mode | test @ best val | Δ vs uniform | AUROC |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for line in transfers:
+            target = f"{line['dataset']}/{line['student']}/{line['noise']}{line['noise_rate']}"
+            mode = "online" if line["online"] else "frozen"
+            seeds = f"{min(line['seeds'])}-{max(line['seeds'])}"
+            lines.append(
+                f"| {line['agent']} | {line['trained_on']} | {target} ({seeds}) | {mode} | {fmt(line[HEADLINE], 100, 1)} | "
+                f"{fmt_paired(line['vs_uniform'])} | {fmt(line['auroc'], 1, 3)} |"
+            )
+        lines.append("")
+    lines += ["Plots: `curves.png` (test accuracy over steps), `weights.png` (weights of clean vs corrupted samples).", ""]
+    atomic_write(out / "report.md", "\n".join(lines))
+
+
+def write_tables(
+    out: Path, config: dict[str, Any], rows: list[dict[str, Any]], table: list[dict[str, Any]], tuning: list
+) -> None:
+    """results.csv and results.json: one row per run with every setting (and the aggregates in JSON)."""
+    settings = {k: v for k, v in config.items() if k != "progress"}
+    full_rows = [{**{f"cfg_{k}": v for k, v in settings.items() if k not in SETTING_KEYS}, **r} for r in rows]
+    fields = list(dict.fromkeys(k for r in full_rows for k in r))
+    tmp = out / ".results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(full_rows)
+    tmp.replace(out / "results.csv")
+    payload = {"config": settings, "runs": full_rows, "summary": table, "tuning": tuning}
+    atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def setting_label(row: dict[str, Any]) -> str:
+    """A short name of a run's setting, for plot titles."""
+    return f"{row['dataset']}/{row['student']}/{row['noise']} {row['noise_rate']}"
+
+
+def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
+    """curves.png (test accuracy over steps, one panel per setting) and weights.png (clean vs corrupted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = sorted({r["row"]["agent"] for r in results})
+    settings = sorted({setting_label(r["row"]) for r in results})
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for agent in agents:
+            curves = [
+                r["curve"] for r in results if r["row"]["agent"] == agent and setting_label(r["row"]) == setting and r["curve"]
+            ]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = [s for s, _, _ in curves[0][:length]]
+            acc = np.array([[t for _, _, t in c[:length]] for c in curves]) * 100
+            mean, std = acc.mean(0), acc.std(0)
+            ax.plot(steps, mean, label=agent)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set(xlabel="student update", title=setting)
+    axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(agents), figsize=(3 * len(agents), 3), squeeze=False, sharey=True)
+    for ax, agent in zip(axes[0], agents):
+        w = np.concatenate([r["weights"] for r in results if r["row"]["agent"] == agent])
+        c = np.concatenate([r["corrupted"] for r in results if r["row"]["agent"] == agent]).astype(bool)
+        bins = np.linspace(0, 1, 21)
+        for values, label in ((w[~c], "clean"), (w[c], "corrupted")):
+            if len(values):  # the clean-data baselines see no corrupted labels
+                ax.hist(values, bins=bins, alpha=0.6, density=True, label=label)
+        ax.set(title=agent, xlabel="weight")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "weights.png", dpi=120)
+    plt.close(fig)
