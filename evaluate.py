@@ -19,10 +19,10 @@ run, appended as it ends, so ``--resume`` re-runs only what is missing).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +46,19 @@ from reporting import (
     write_report,
     write_tables,
 )
-from runconfig import EnvSetting, StudentTraining, coerce, field, parse_config
-from students.data import DATASETS, DatasetNotFoundError, check_name
-from students.models import STUDENTS
-from students.noise import NOISE_TYPES
+from runconfig import (
+    GRID_KEYS,
+    EnvSetting,
+    StudentTraining,
+    coerce,
+    field,
+    parse_config,
+    setting_label,
+    settings_grid,
+    yaml_value,
+)
+from students.data import DatasetNotFoundError, check_name
 
-GRID_KEYS = ("dataset", "student", "noise", "noise_rate")
 TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
 
@@ -70,10 +77,17 @@ class EvalConfig(EnvSetting, StudentTraining):
         None, "comma-separated runs/<name> folders (or teacher.pt files) of trained teachers, run frozen"
     )
     online: bool = field(False, "let loaded online teachers keep learning during evaluation")
-    grid: dict | None = field(
+    grid: Any = field(
         None,
-        "settings grid as YAML, e.g. '{dataset: [mnist1d, digits], noise_rate: [0.2, 0.4]}' (overrides the single setting above)",
+        "settings grid as YAML, e.g. '{dataset: [mnist1d, digits], noise_rate: [0.2, 0.4]}', or a list of settings "
+        "(overrides the single setting above)",
+        parse=yaml_value,
     )
+    leave_one_out: str | None = field(
+        None, "pre-train this agent on all settings of the grid but one, and evaluate it frozen on the one left out"
+    )
+    pretrain_steps: int = field(6000, "--leave-one-out: student updates of each pre-training (episodes of --steps)", low=1)
+    pretrain_seed: int = field(10_000, "--leave-one-out: seed of the pre-trainings (disjoint from the reported seeds)", low=0)
     seeds: int = field(3, "reported seeds per (setting, agent): seed, seed + 1, ...", low=1)
     steps: int = field(2000, "student updates per run", low=1)
     tune: dict | None = field(
@@ -112,11 +126,22 @@ class EvalConfig(EnvSetting, StudentTraining):
         except ValueError as e:
             raise ValueError(f"--thresholds must be comma-separated numbers, got {self.thresholds!r}") from e
         _ = self.tune_grid
+        _ = self.settings
+        if self.leave_one_out is not None:
+            check_name("agent", self.leave_one_out, list(AGENTS))
+            if agent_class(self.leave_one_out).kind != "online":
+                raise ValueError(f"--leave-one-out pre-trains an online teacher; {self.leave_one_out!r} is not one")
+            if len(self.settings) < 2:
+                raise ValueError("--leave-one-out needs a grid of at least two settings")
         if self.tune and self.tune_seed < self.seed + self.seeds and self.seed < self.tune_seed + self.tune_seeds:
             raise ValueError(
                 f"tuning seeds {self.tune_seed}..{self.tune_seed + self.tune_seeds - 1} overlap the reported seeds "
                 f"{self.seed}..{self.seed + self.seeds - 1}; move --tune-seed"
             )
+
+    @property
+    def settings(self) -> list[dict[str, Any]]:
+        return settings_grid(self, self.grid)
 
     @property
     def agent_names(self) -> list[str]:
@@ -146,34 +171,6 @@ class EvalConfig(EnvSetting, StudentTraining):
 
 
 # ------------------------------------------------------------------------------------------ grid and jobs
-def settings_grid(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """The env settings to run: the single one of the flags, or the product of ``grid``'s axes
-    (axes it leaves out keep the flags' value; ``student_kwargs`` may map student -> kwargs)."""
-    base = {k: getattr(cfg, k) for k in (*GRID_KEYS, "student_kwargs")}
-    grid = cfg.grid or {}
-    unknown = sorted(set(grid) - set(GRID_KEYS) - {"student_kwargs"})
-    if unknown:
-        raise ValueError(f"grid: unknown keys {', '.join(unknown)}; valid: {', '.join(GRID_KEYS)}, student_kwargs")
-    axes = {k: grid.get(k, [base[k]]) for k in GRID_KEYS}
-    bad = [k for k, v in axes.items() if not isinstance(v, list)]
-    if bad:
-        raise ValueError(f"grid: {', '.join(bad)} must be a list of values, got {', '.join(repr(axes[k]) for k in bad)}")
-    empty = [k for k, v in axes.items() if not v]
-    if empty:
-        raise ValueError(f"the grid is empty: no values for {', '.join(empty)}")
-    per_student = grid.get("student_kwargs") or {}
-    settings = [
-        {"dataset": d, "student": s, "noise": n, "noise_rate": r, "student_kwargs": per_student.get(s, base["student_kwargs"])}
-        for d, s, n, r in itertools.product(*(axes[k] for k in GRID_KEYS))
-    ]
-    for setting in settings:
-        check_name("dataset", setting["dataset"], DATASETS)
-        check_name("student", setting["student"], list(STUDENTS))
-        check_name("noise", setting["noise"], NOISE_TYPES)
-        coerce("grid noise_rate", setting["noise_rate"], float, {"low": 0, "below": 1})
-    return settings
-
-
 @dataclass(frozen=True)
 class Job:
     """One student trained by one teacher: the unit of work and of parallelism."""
@@ -240,7 +237,7 @@ def run_job(job: Job) -> dict[str, Any]:
     row = {
         "agent": job.agent, "seed": job.seed, **{k: job.setting[k] for k in GRID_KEYS},
         "student_kwargs": json.dumps(job.setting.get("student_kwargs")), "teacher_path": job.teacher_path or "",
-        "trained_on": describe_training(teacher) if job.teacher_path else "", "online": teacher.training,
+        "trained_on": describe_training(job.teacher_path) if job.teacher_path else "", "online": teacher.training,
         "lr": job.lr, "options": json.dumps(dict(job.options)),
         "n_train": len(env.unwrapped.data.train), "n_clean": len(data.val), "n_test": len(data.test),
         "steps": run.step, "diverged": bool(run.info.get("diverged")),
@@ -257,10 +254,11 @@ def run_job(job: Job) -> dict[str, Any]:
     return {"key": job.key, "row": row, "curve": points, "weights": w[sample].tolist(), "corrupted": c[sample].tolist()}
 
 
-def describe_training(teacher: Teacher) -> str:
-    """``dataset/student/noise<rate> (seeds a-b)`` of the env a loaded teacher was trained on."""
-    env = teacher.trained_env or {}
-    return f"{env.get('dataset', '?')}/{env.get('student', '?')}/{env.get('noise', '?')}{env.get('noise_rate', '')}"
+def describe_training(path: str) -> str:
+    """The settings a loaded teacher was trained on (``dataset/student/noise rate``, ``; ``-separated)."""
+    checkpoint = read_checkpoint(path)
+    settings = checkpoint["extra"].get("settings")
+    return "; ".join(settings) if settings else setting_label(checkpoint["env_config"])
 
 
 def tuning_candidates(cfg: EvalConfig, agent: str) -> list[tuple[float, tuple[tuple[str, Any], ...]]]:
@@ -279,7 +277,7 @@ def tuning_jobs(cfg: EvalConfig) -> list[Job]:
     seeds = range(cfg.tune_seed, cfg.tune_seed + cfg.tune_seeds)
     return [
         Job(setting, agent, None, seed, cfg, lr, options, stage="tune")
-        for setting in settings_grid(cfg)
+        for setting in cfg.settings
         for agent in cfg.agent_names
         for lr, options in tuning_candidates(cfg, agent)
         for seed in seeds
@@ -310,18 +308,45 @@ def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, 
     return chosen, table
 
 
-def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple]) -> list[Job]:
-    """Every reported (setting, seed, agent or loaded teacher) job, at the tuned values where tuned."""
+def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str, str] | None = None) -> list[Job]:
+    """Every reported (setting, seed, agent or loaded teacher) job, at the tuned values where tuned;
+    ``held_out`` maps a setting (JSON) to the teacher pre-trained without it."""
     jobs = []
-    for setting in settings_grid(cfg):
+    for setting in cfg.settings:
+        key = json.dumps(setting, sort_keys=True)
         for seed in range(cfg.seed, cfg.seed + cfg.seeds):
             for agent in cfg.agent_names:
-                lr, options = chosen.get((json.dumps(setting, sort_keys=True), agent), (cfg.lr, ()))
+                lr, options = chosen.get((key, agent), (cfg.lr, ()))
                 jobs.append(Job(setting, agent, None, seed, cfg, lr, options))
             for path in cfg.teacher_paths:
                 label = f"{read_checkpoint(path)['agent']}@{Path(path).name if Path(path).is_dir() else Path(path).parent.name}"
                 jobs.append(Job(setting, label, path, seed, cfg, cfg.lr))
+            if held_out and key in held_out:
+                jobs.append(Job(setting, f"{cfg.leave_one_out}@held-out", held_out[key], seed, cfg, cfg.lr))
     return jobs
+
+
+def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
+    """For every setting S of the grid, a ``--leave-one-out`` teacher pre-trained by train_teacher.py
+    on the other settings (episodes of ``--steps`` updates, cycling) in ``out/pretrained/<i>``; a
+    finished one is reused. Returns setting (JSON) -> run folder."""
+    import train_teacher
+
+    student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
+    flags = [arg for name, value in student.items() if value is not None for arg in (f"--{name.replace('_', '-')}", str(value))]
+    paths = {}
+    for i, setting in enumerate(cfg.settings):
+        run = out / "pretrained" / f"{i}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
+        others = [s for s in cfg.settings if s != setting]
+        if not (run / "summary.json").exists():
+            shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
+            train_teacher.main([
+                "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
+                "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed), "--device", cfg.device, "--threads", str(cfg.threads),
+                "--out", str(run), "--no-progress", *flags, *(["--data-root", cfg.data_root] if cfg.data_root else []),
+            ])  # fmt: skip
+        paths[json.dumps(setting, sort_keys=True)] = str(run)
+    return paths
 
 
 def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
@@ -345,7 +370,7 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
                 load_teacher(job.teacher_path, env=env)
             except CheckpointError as e:
                 raise CheckpointError(f"{e} ({where})") from e
-    for path in cfg.teacher_paths:
+    for path in {job.teacher_path for job in jobs if job.teacher_path is not None}:
         lo, hi = read_checkpoint(path)["extra"].get("seeds_used", [None, None])
         ours = range(cfg.seed, cfg.seed + cfg.seeds)
         if lo is not None and any(lo <= s <= hi for s in ours):
@@ -423,10 +448,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    chosen, choices = {}, []
+    chosen, choices, held_out = {}, [], None
     if tuning:
         chosen, choices = choose(cfg, run_all(tuning, cfg.workers, cfg.progress, log, "tuning"))
-        jobs = report_jobs(cfg, chosen)
+    if cfg.leave_one_out:
+        held_out = pretrain_held_out(cfg, out)
+        try:
+            check_before_training(cfg, [job for job in report_jobs(cfg, {}, held_out) if job.teacher_path])
+        except (ValueError, CheckpointError) as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    jobs = report_jobs(cfg, chosen, held_out)
     results = run_all(jobs, cfg.workers, cfg.progress, log, "students")
     rows = [r["row"] for r in results]
     add_uniform_ratio(rows)

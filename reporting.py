@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from runconfig import setting_label
+
 SETTING_KEYS = ("dataset", "student", "noise", "noise_rate", "student_kwargs")
 CLEAN_BASELINES = ("clean_only", "uniform_plus_clean", "finetune")
 HEADLINE = "selected_test_acc"  # the metric paired differences are taken on
@@ -192,7 +194,7 @@ def write_report(out: Path, config: dict[str, Any], table: list[dict[str, Any]],
             "|---|---|---|---|---|---|---|",
         ]
         for line in transfers:
-            target = f"{line['dataset']}/{line['student']}/{line['noise']}{line['noise_rate']}"
+            target = setting_label(line)
             mode = "online" if line["online"] else "frozen"
             seeds = f"{min(line['seeds'])}-{max(line['seeds'])}"
             lines.append(
@@ -226,11 +228,6 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def setting_label(row: dict[str, Any]) -> str:
-    """A short name of a run's setting, for plot titles."""
-    return f"{row['dataset']}/{row['student']}/{row['noise']} {row['noise_rate']}"
 
 
 def write_plots(out: Path, results: list[dict[str, Any]]) -> None:

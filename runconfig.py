@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import types
 import typing
@@ -41,6 +42,8 @@ def coerce(name: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any:
     it (``"3e-4"`` from YAML is a float, ``2`` is a float where a float is expected); a ValueError
     that names the field, the value and what is expected otherwise."""
     tp, optional = _flag_type(annotation)
+    if tp is Any:  # checked by its own validation (e.g. a settings grid)
+        return value
     if value is None:
         if optional:
             return None
@@ -139,6 +142,53 @@ class StudentTraining:
     def student_env_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of ``Teaching-v0``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(StudentTraining)}
+
+
+GRID_KEYS = ("dataset", "student", "noise", "noise_rate")
+
+
+def settings_grid(base: EnvSetting, grid: dict | list | None) -> list[dict[str, Any]]:
+    """The env settings of a grid: the product of ``grid``'s axes (``GRID_KEYS``; axes it leaves out
+    keep ``base``'s value; ``student_kwargs`` may map student -> kwargs), or, for a list, its
+    settings one by one (keys they leave out keep ``base``'s value); each checked by name."""
+    if isinstance(grid, list):
+        return [setting for item in grid for setting in settings_grid(base, _as_axes(item, base))]
+    grid = grid or {}
+    unknown = sorted(set(grid) - set(GRID_KEYS) - {"student_kwargs"})
+    if unknown:
+        raise ValueError(f"grid: unknown keys {', '.join(unknown)}; valid: {', '.join(GRID_KEYS)}, student_kwargs")
+    axes = {k: grid.get(k, [getattr(base, k)]) for k in GRID_KEYS}
+    bad = [k for k, v in axes.items() if not isinstance(v, list)]
+    if bad:
+        raise ValueError(f"grid: {', '.join(bad)} must be a list of values, got {', '.join(repr(axes[k]) for k in bad)}")
+    empty = [k for k, v in axes.items() if not v]
+    if empty:
+        raise ValueError(f"the grid is empty: no values for {', '.join(empty)}")
+    per_student = grid.get("student_kwargs") or {}
+    settings = [
+        {"dataset": d, "student": s, "noise": n, "noise_rate": r, "student_kwargs": per_student.get(s, base.student_kwargs)}
+        for d, s, n, r in itertools.product(*(axes[k] for k in GRID_KEYS))
+    ]
+    meta = {f.name: f.metadata for f in dataclasses.fields(EnvSetting)}
+    for setting in settings:
+        for key in GRID_KEYS:
+            coerce(f"grid {key}", setting[key], float if key == "noise_rate" else str, meta[key])
+    return settings
+
+
+def _as_axes(setting: Any, base: EnvSetting) -> dict[str, Any]:
+    """One explicit setting of a grid list as one-value axes."""
+    if not isinstance(setting, dict):
+        raise ValueError(f"grid: a list of settings must hold mappings such as '{{dataset: digits}}', got {setting!r}")
+    axes = {k: [v] for k, v in setting.items() if k != "student_kwargs"}
+    if "student_kwargs" in setting:
+        axes["student_kwargs"] = {setting.get("student", base.student): setting["student_kwargs"]}
+    return axes
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """``dataset/student/noise rate`` of a setting (or a run's row)."""
+    return f"{setting['dataset']}/{setting['student']}/{setting['noise']} {setting['noise_rate']}"
 
 
 def yaml_value(text: str) -> Any:

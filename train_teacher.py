@@ -31,7 +31,17 @@ from agents.loop import Callback, Curve, TeacherScalars, TeachingRun, WeightStat
 from envs import env_factory
 from envs.rewards import REWARDS
 from reporting import selected_test_acc
-from runconfig import EnvSetting, StudentTraining, check_fields, field, parse_config, to_yaml
+from runconfig import (
+    EnvSetting,
+    StudentTraining,
+    check_fields,
+    field,
+    parse_config,
+    setting_label,
+    settings_grid,
+    to_yaml,
+    yaml_value,
+)
 from students.data import DatasetNotFoundError, load_dataset
 
 RL_DEFAULT_HORIZON = 200
@@ -47,6 +57,12 @@ class TrainRun(EnvSetting, StudentTraining):
     epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)", above=0.0)
     horizon: int | None = field(
         None, f"updates per student episode (default: --steps, or {RL_DEFAULT_HORIZON} for episodic RL teachers)", low=1
+    )
+    grid: Any = field(
+        None,
+        "pre-train over a distribution of students: a settings grid as YAML, e.g. '{dataset: [mnist1d, digits], "
+        "noise: [symmetric, pairflip]}', or a list of settings; episodes cycle through them (fixed and online teachers)",
+        parse=yaml_value,
     )
     n_envs: int = field(1, "episodic teachers: student episodes run in parallel processes", low=1)
     reward: str = field("accuracy", "env reward (RL teachers learn from it)", choices=list(REWARDS))
@@ -71,6 +87,21 @@ class TrainRun(EnvSetting, StudentTraining):
 
     def validate(self) -> None:
         _ = self.teacher_options
+        if self.grid is not None and self.kind == "episodic":
+            raise ValueError(f"--grid pre-trains fixed and online teachers; {self.agent!r} is episodic (one setting per run)")
+        _ = self.settings
+
+    @property
+    def settings(self) -> list[dict[str, Any]]:
+        """The env settings episodes cycle through: the grid's, or the one of the flags."""
+        return settings_grid(self, self.grid)
+
+    def episode_horizon(self) -> int:
+        """Updates per episode: --horizon; by default the whole run, or with a grid enough for every
+        setting to be visited twice."""
+        if self.horizon:
+            return self.horizon
+        return self.steps if self.grid is None else max(1, self.steps // (2 * len(self.settings)))
 
     @property
     def run_dir(self) -> Path:
@@ -93,10 +124,14 @@ def config_class() -> type:
     return dataclasses.make_dataclass("TrainConfig", [agent, *option_fields()], bases=(TrainRun,))
 
 
-def env_kwargs(cfg: Any, horizon: int) -> dict[str, Any]:
-    """Keyword arguments of ``Teaching-v0`` taken from a run config."""
-    setting = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvSetting)}
-    return dict(**setting, **cfg.student_env_kwargs(), horizon=horizon, reward=cfg.reward, threshold=cfg.threshold)
+def env_kwargs(cfg: Any, horizon: int, setting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``Teaching-v0`` taken from a run config (and one setting of its grid),
+    with the data pool its agent needs."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvSetting)} | (setting or {})
+    return dict(
+        **values, **cfg.student_env_kwargs(), horizon=horizon, reward=cfg.reward, threshold=cfg.threshold,
+        **agent_class(cfg.agent).env_overrides,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ callbacks
@@ -144,22 +179,21 @@ class RunLog(Callback):
             tqdm.write(f"episode {run.episode} diverged at step {info['step']}; starting a new student")
             self.write(run.step, {"student/diverged": 1, "episode": run.episode})
 
-    def on_end(self, run: TeachingRun) -> None:
-        self.writer.close()
-
 
 class Checkpoints(Callback):
     """Atomic checkpoint of the teacher and, mid-episode, of the env's episode state, every
     ``every`` steps and at ``last``. It records the seeds the teacher met (data split and noise of
     ``seed``, students reset with ``seed + episode``) so that evaluation can refuse them."""
 
-    def __init__(self, path: Path, every: int, last: int, seed: int):
+    def __init__(self, path: Path, every: int, last: int, seed: int, settings: list[dict[str, Any]]):
         self.path, self.every, self.last, self.seed = path, every, last, seed
+        self.settings = [setting_label(s) for s in settings]
 
     def on_step(self, run: TeachingRun) -> None:
         if run.step % self.every == 0 or run.step == self.last:
             episode = run.episode + run.done  # a finished episode resumes with the next
             extra = {"step": run.step, "episode": episode, "seeds_used": [self.seed, self.seed + run.episode]}
+            extra["settings"] = self.settings
             if not run.done:
                 extra["env_state"] = run.env.unwrapped.state_dict()
             run.teacher.save(self.path, run.env, extra=extra)
@@ -176,41 +210,47 @@ class ProgressBar(Callback):
         if "val_acc" in run.info:
             self.bar.set_postfix(val_acc=f"{run.info['val_acc']:.3f}", test_acc=f"{run.info['test_acc']:.3f}")
 
-    def on_end(self, run: TeachingRun) -> None:
-        self.bar.close()
-
 
 # ------------------------------------------------------------------------------------------ runs
-def build_online(cfg: Any) -> tuple[gym.Env, Teacher]:
-    """The env and the teacher of a run that teaches one student at a time (fixed and online kinds)."""
-    env = gym.make("Teaching-v0", **env_kwargs(cfg, cfg.horizon or cfg.steps), tensor_obs=True, disable_env_checker=True)
-    teacher = make_agent(cfg.agent, **cfg.teacher_options).to(env.unwrapped.device)
-    return env, teacher.train(cfg.kind == "online")
+def build_online(cfg: Any) -> tuple[list[gym.Env], Teacher]:
+    """One env per setting (every setting is built, so checked, before anything is written) and the
+    teacher of a run that teaches one student at a time (fixed and online kinds)."""
+    envs = [
+        gym.make("Teaching-v0", **env_kwargs(cfg, cfg.episode_horizon(), s), tensor_obs=True, disable_env_checker=True)
+        for s in cfg.settings
+    ]
+    teacher = make_agent(cfg.agent, **cfg.teacher_options).to(envs[0].unwrapped.device)
+    return envs, teacher.train(cfg.kind == "online")
 
 
-def run_online(cfg: Any, run_dir: Path, env: gym.Env, teacher: Teacher, saved: dict[str, Any] | None) -> dict[str, Any]:
-    """Teach students one after another for ``cfg.steps`` updates, the teacher learning online,
-    continuing from the checkpoint ``saved`` when resuming."""
-    episode_seed = lambda episode: cfg.seed + episode
+def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """Teach students one after another for ``cfg.steps`` updates (episode e on setting e mod K, reset
+    with seed + e), the teacher learning online, continuing from the checkpoint ``saved`` when resuming."""
     step, episode = 0, 0
     if saved is not None:
         teacher.load_state_dict(saved["state"])
         step, episode = saved["extra"]["step"], saved["extra"]["episode"]
-    run = start(env, teacher, episode_seed(episode))
-    run.step, run.episode = step, episode
-    if saved is not None and "env_state" in saved["extra"]:
-        run.obs, run.next_info = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
-    callbacks = [
-        RunLog(run_dir, cfg, step),
-        Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps, cfg.seed),
-        ProgressBar(cfg.steps, step, f"{cfg.agent} on {cfg.dataset}", cfg.progress),
-    ]
-    started = time.perf_counter()
+    log = RunLog(run_dir, cfg, step)
+    bar = ProgressBar(
+        cfg.steps, step, f"{cfg.agent} on {len(envs)} setting(s)" if cfg.grid else f"{cfg.agent} on {cfg.dataset}", cfg.progress
+    )
+    checkpoints = Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps, cfg.seed, cfg.settings)
+    started, run = time.perf_counter(), None
     try:
-        teach(run, cfg.steps - step, callbacks, episode_seed=episode_seed)
+        while step < cfg.steps:
+            env = envs[episode % len(envs)]
+            run = start(env, teacher, cfg.seed + episode)
+            run.step, run.episode = step, episode
+            if saved is not None and "env_state" in saved["extra"]:
+                run.obs, run.next_info = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
+            saved = None
+            teach(run, cfg.steps - step, [log, checkpoints, bar])  # to the end of this episode at most
+            step, episode = run.step, run.episode + 1
     except KeyboardInterrupt:
-        callbacks[-1].on_end(run)
-        raise Interrupted(run.step) from None
+        raise Interrupted(run.step if run is not None else step) from None
+    finally:
+        bar.bar.close()
+        log.writer.close()
     return summarise(run_dir, time.perf_counter() - started)
 
 
@@ -362,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env = env_factory(**env_kwargs(cfg, rl_horizon(cfg)))()
             teacher = make_agent(cfg.agent, **cfg.teacher_options)
         else:
-            env, teacher = build_online(cfg)
+            env, teacher = build_online(cfg)  # one env per setting
         if saved is not None and saved["extra"]["step"] > cfg.steps:
             raise ValueError(f"the run already took {saved['extra']['step']} steps; --steps {cfg.steps} would shorten it")
         run_dir.mkdir(parents=True, exist_ok=True)

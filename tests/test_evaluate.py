@@ -111,9 +111,9 @@ def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path):
         evaluate.main(["--out", str(tmp_path / "in-sample"), *target, "--seed", "0"])
     rows = evaluate.main(["--out", str(tmp_path / "t"), *target, "--seed", "1"])
     transferred = [r for r in rows if r["teacher_path"]]
-    assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric0.4" and not transferred[0]["online"]
+    assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric 0.4" and not transferred[0]["online"]
     report = (tmp_path / "t" / "report.md").read_text()
-    assert "## Transfer pairs" in report and "digits/mlp/symmetric0.4 | mnist1d/cnn/symmetric0.4 (1-2) | frozen" in report
+    assert "## Transfer pairs" in report and "digits/mlp/symmetric 0.4 | mnist1d/cnn/symmetric 0.4 (1-2) | frozen" in report
     assert not (tmp_path / "in-sample").exists()
 
 
@@ -133,7 +133,18 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--teachers", "runs/does-not-exist"], "does not exist"),
         (["--grid", "{noise: []}"], "the grid is empty"),
         (["--grid", "{optimizer: [sgd]}"], "unknown keys optimizer"),
-        (["--grid", "{dataset: [imagenet]}"], "unknown dataset 'imagenet'"),
+        (["--grid", "{dataset: [imagenet]}"], "grid dataset must be one of mnist1d, digits"),
+        (["--grid", "{noise_rate: 0.2}"], "noise_rate must be a list of values"),
+        (["--grid", "{noise_rate: [1.5]}"], "grid noise_rate must be in [0, 1)"),
+        (["--grid", "[{dataset: digits}, 3]"], "a list of settings must hold mappings"),
+        (["--val-size", "5000"], "more than the"),
+        (["--batch-size", "5000"], "batch_size must be in"),
+        (["--noise-rate", "1.0"], "--noise-rate must be in [0, 1)"),
+        (["--lr", "nan"], "--lr must be finite"),
+        (["--agents", "uniform,clean_only", "--val-size", "10"], "smallest data pool of train_pool 'clean'"),
+        (["--agent-options", "{mwnet: {hidden: 0}}", "--agents", "mwnet"], "hidden must be >= 1"),
+        (["--leave-one-out", "meta_grad"], "at least two settings"),
+        (["--leave-one-out", "uniform", "--grid", "{noise: [symmetric, pairflip]}"], "not one"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--thresholds", "half"], "--thresholds must be comma-separated numbers"),
     ],
@@ -223,3 +234,16 @@ def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, m
     resumed = _evaluate(tmp_path, *argv, "--resume", name="cut")
     assert len(calls) == 2, "only the missing runs ran"
     assert json.dumps(_deterministic(resumed), sort_keys=True) == json.dumps(_deterministic(whole), sort_keys=True)
+
+
+def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
+    rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", "{noise: [symmetric, pairflip]}",
+                     "--leave-one-out", "meta_grad", "--pretrain-steps", "40")  # fmt: skip
+    held_out = [r for r in rows if r["agent"] == "meta_grad@held-out"]
+    assert {(r["noise"], r["trained_on"]) for r in held_out} == {
+        ("symmetric", "digits/mlp/pairflip 0.4"),
+        ("pairflip", "digits/mlp/symmetric 0.4"),
+    }
+    assert all(not r["online"] for r in held_out), "evaluated frozen"
+    assert "## Transfer pairs" in (tmp_path / "report" / "report.md").read_text()
+    assert len(list((tmp_path / "report" / "pretrained").iterdir())) == 2

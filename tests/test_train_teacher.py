@@ -180,3 +180,25 @@ def test_default_run_folders_are_numbered_instead_of_overwritten(tmp_path, monke
         train_teacher.parse_config(train_teacher.config_class(), [*argv, "--resume"], "").run_dir.name
         == "uniform-digits-mlp-s0-2"
     )
+
+
+def test_pretraining_over_a_grid_cycles_settings_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    grid = ["--grid", "[{noise: symmetric}, {noise: pairflip, noise_rate: 0.2}, {dataset: mnist1d}]", "--horizon", "20"]
+    whole = _run(tmp_path, "--agent", "meta_grad", *grid, "--steps", "120", name="whole")
+    records = _metrics(tmp_path / "whole")
+    assert [r["episode"] for r in records] == [0, 1, 2, 3, 4, 5]
+    checkpoint = torch.load(tmp_path / "whole" / "teacher.pt", weights_only=True)
+    assert checkpoint["extra"]["settings"] == ["digits/mlp/symmetric 0.4", "digits/mlp/pairflip 0.2", "mnist1d/mlp/symmetric 0.4"]
+    real_step = TeachingEnv.step
+
+    def crash_at_10_of_the_third_episode(self, action):
+        if self.t == 10 and self.config["dataset"] == "mnist1d":
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, action)
+
+    monkeypatch.setattr(TeachingEnv, "step", crash_at_10_of_the_third_episode)
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--agent", "meta_grad", *grid, "--steps", "120", name="cut")
+    monkeypatch.setattr(TeachingEnv, "step", real_step)
+    resumed = _run(tmp_path, "--agent", "meta_grad", *grid, "--steps", "120", "--resume", name="cut")
+    assert _metrics(tmp_path / "cut") == records and resumed["final_test_acc"] == whole["final_test_acc"]
