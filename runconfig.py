@@ -127,7 +127,7 @@ class StudentTraining:
 
     batch_size: int = field(128, "samples per student update", low=1)
     lr: float = field(0.1, "student learning rate", above=0.0)
-    momentum: float = field(0.9, "student SGD momentum", low=0.0, below=1.0)
+    momentum: float = field(0.9, "student SGD momentum", low=0, below=1)
     weight_decay: float = field(5e-4, "student L2 weight decay", low=0.0)
     lr_schedule: str = field("constant", "student learning-rate schedule", choices=list(LR_SCHEDULES))
     eval_every: int = field(100, "updates between validation/test evaluations", low=1)

@@ -141,4 +141,7 @@ STUDENTS: dict[str, Callable[..., nn.Module]] = {
 def make_student(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
     """Build the student ``name`` for inputs of ``input_shape``; refuses students that do not fit."""
     check_name("student", name, list(STUDENTS))
-    return STUDENTS[name](tuple(input_shape), num_classes, **kwargs)
+    try:
+        return STUDENTS[name](tuple(input_shape), num_classes, **kwargs)
+    except TypeError as e:  # an unknown or mistyped constructor argument
+        raise ValueError(f"student_kwargs {kwargs} do not fit student {name!r}: {e}") from None

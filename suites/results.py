@@ -1,7 +1,7 @@
 """Regenerate docs/results.md: the honest benchmark on every offline setting, and the
 leave-one-setting-out transfer of a pre-trained teacher.
 
-    python suites/results.py                 # about 75 minutes on 2 CPU cores; resumes if interrupted
+    python suites/results.py                 # about an hour on 2 CPU cores; resumes if interrupted
     python suites/results.py --only digits   # one suite (docs/results/<name>/)
 
 Each suite in suites/results/ runs through ``evaluate.py`` into docs/results/<suite>/ (report.md,
@@ -36,9 +36,9 @@ alone), `uniform_plus_clean` (add it to the noisy data), `finetune` (noisy data,
 of the updates on the clean split); with `uniform` (no teaching); and with the `oracle` reference
 (weights 1 for clean and 0 for corrupted labels, read from the noise mask), which shows the
 headroom. Every agent trains the same student for the same number of updates. The student learning
-rate of every agent (and the teacher learning rate of `mwnet` and `meta_grad`) is tuned per setting
-on two tuning seeds (1000, 1001) by validation accuracy; the reported seeds are 0-4. Headline
-metric: test accuracy at the evaluation with the best clean validation accuracy (selection on
+rate of every agent (lr in {0.03, 0.1}) and the teacher learning rate of `mwnet` and `meta_grad`
+(teacher_lr in {0.001, 0.01}) are tuned per setting by best validation accuracy on a tuning seed
+(1000) that is not reported; the reported seeds are 0-4. Headline metric: test accuracy at the evaluation with the best clean validation accuracy (selection on
 validation only; the clean-data baselines also train on the clean split, so their validation
 accuracy is partly a training accuracy: their final test accuracy is listed below each table).
 Δ: paired by seed, mean [95% t-interval] (wins/ties/losses, ties within 0.5 points).

@@ -188,6 +188,32 @@ CLI_CASES = [
     ("cli-overwrite-run", ["--out", "RUN"], "already holds a run"),
     ("cli-evaluate-unknown-agent", ["EVALUATE", "--agents", "teacher9000"], "unknown agent 'teacher9000'"),
     ("cli-evaluate-missing-teacher", ["EVALUATE", "--teachers", "/nonexistent/run"], "does not exist"),
+    # values of the wrong type or out of range, from flags or YAML, are refused by name before anything is written
+    ("cli-lr-nan", ["--lr", "nan"], "--lr must be finite, got nan"),
+    ("cli-lr-inf", ["--lr", "inf"], "--lr must be finite, got inf"),
+    ("cli-weight-decay-negative", ["--weight-decay", "-1"], "--weight-decay must be >= 0.0, got -1.0"),
+    ("cli-yaml-momentum", ["--config", "MOMENTUM_YAML"], "--momentum must be in [0, 1), got -3.0"),
+    ("cli-yaml-bool-int", ["--config", "BOOL_INT_YAML"], "--n-envs must be an integer, got True"),
+    ("cli-yaml-string-bool", ["--config", "STRING_BOOL_YAML"], "--download must be true or false, got 'no'"),
+    ("cli-yaml-bad-number", ["--config", "BAD_NUMBER_YAML"], "--teacher-lr must be a number, got 'fast'"),
+    ("cli-option-of-another-agent", ["--agent", "uniform", "--unroll", "3"], "option unroll does not apply to agent 'uniform'"),
+    ("cli-bad-student-kwargs", ["--student-kwargs", "{hiden: [8, 8]}"], "do not fit student 'mlp'"),
+    ("cli-grid-for-rl", ["--agent", "ppo", "--grid", "{noise: [pairflip]}"], "'ppo' is episodic"),
+    ("cli-grid-bad-value", ["--grid", "{noise_rate: [1.5]}"], "grid noise_rate must be in [0, 1)"),
+    ("cli-resume-changed-setting", ["--resume", "--out", "RUN", "--dataset", "mnist1d"], "would change it: --dataset"),
+    ("cli-resume-changed-teacher", ["--resume", "--out", "RUN", "--unroll", "2"], "would change it: --unroll"),
+    ("cli-resume-shorter", ["--resume", "--out", "RUN", "--steps", "20"], "would shorten it"),
+    ("cli-resume-rl-changed-setting", ["--resume", "--agent", "reinforce", "--out", "RL_RUN", "--noise", "pairflip"], "--noise"),
+    ("cli-evaluate-thresholds-number", ["EVALUATE", "--config", "THRESHOLDS_YAML"], "--thresholds must be a string"),
+    ("cli-evaluate-train-size-0", ["EVALUATE", "--train-size", "0"], "--train-size must be >= 1"),
+    ("cli-evaluate-val-too-large", ["EVALUATE", "--val-size", "5000"], "more than the"),
+    ("cli-evaluate-bad-student-kwargs", ["EVALUATE", "--student-kwargs", "{hiden: [8, 8]}"], "do not fit student 'mlp'"),
+    ("cli-evaluate-grid-one-bad", ["EVALUATE", "--grid", "{dataset: [digits, mnist1d], noise_rate: [0.2, 1.0]}"], "in [0, 1)"),
+    (
+        "cli-evaluate-agent-option",
+        ["EVALUATE", "--agents", "spl", "--agent-options", "{spl: {start_fraction: 2}}"],
+        "start_fraction must be in (0.0, 1.0], got 2.0",
+    ),
 ]
 
 
@@ -195,6 +221,13 @@ CLI_CASES = [
 def trained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trained") / "run"
     _train(run, "--agent", "meta_grad", "--steps", "40")
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_rl_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "rl"
+    _train(run, "--agent", "reinforce", "--steps", "40", "--horizon", "20")
     return run
 
 
@@ -230,18 +263,20 @@ def test_bad_checkpoints(tmp_path, trained_run, name, make, message):
 
 
 @pytest.mark.parametrize("name,argv,message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_bad_command_lines(tmp_path, capsys, trained_run, name, argv, message):
+def test_bad_command_lines(tmp_path, capsys, trained_run, trained_rl_run, name, argv, message):
     files = {
         "BROKEN_YAML": ("broken.yaml", "agent: [meta_grad\n"), "UNKNOWN_KEY_YAML": ("unknown.yaml", "optimiser: adam\n"),
-        "A_FILE": ("a_file", "not a folder"),
+        "A_FILE": ("a_file", "not a folder"), "MOMENTUM_YAML": ("m.yaml", "momentum: -3\n"),
+        "BOOL_INT_YAML": ("b.yaml", "n_envs: true\n"), "STRING_BOOL_YAML": ("p.yaml", "download: 'no'\n"),
+        "BAD_NUMBER_YAML": ("n.yaml", "teacher_lr: fast\n"), "THRESHOLDS_YAML": ("t.yaml", "thresholds: 0.5\n"),
     }  # fmt: skip
     resolved = []
     for arg in argv:
         if arg in files:
             (tmp_path / files[arg][0]).write_text(files[arg][1])
             arg = str(tmp_path / files[arg][0])
-        resolved.append({"EMPTY": str(tmp_path / "empty"), "RUN": str(trained_run)}.get(arg, arg))
-    digest = _folder_digest(trained_run)
+        resolved.append({"EMPTY": str(tmp_path / "empty"), "RUN": str(trained_run), "RL_RUN": str(trained_rl_run)}.get(arg, arg))
+    digests = [_folder_digest(trained_run), _folder_digest(trained_rl_run)]
     with pytest.raises(SystemExit) as info:
         if resolved[0] == "EVALUATE":
             evaluate.main(["--out", str(tmp_path / "report"), *resolved[1:]])
@@ -251,8 +286,38 @@ def test_bad_command_lines(tmp_path, capsys, trained_run, name, argv, message):
             )
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and "Traceback" not in err, err
-    assert _folder_digest(trained_run) == digest, "an existing run folder was modified"
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1, "one message"
+    assert [_folder_digest(trained_run), _folder_digest(trained_rl_run)] == digests, "an existing run folder was modified"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "report").exists(), "a refused command created its folder"
 
 
 def test_the_table_covers_at_least_25_bad_inputs():
     assert len(ENV_CASES) + len(CONSTRUCTION_CASES) + len(CHECKPOINT_CASES) + len(CLI_CASES) >= 25
+
+
+def test_yaml_numbers_are_read_the_way_a_user_means_them(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("agent: meta_grad\nteacher_lr: 3e-4\nlr: 1\nsteps: 20\n")  # PyYAML reads 3e-4 as a string
+    _train(tmp_path / "run", "--config", str(config))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "teacher_lr: 0.0003" in saved and "lr: 1.0" in saved
+
+
+def test_resume_may_extend_a_finished_run_and_reads_its_own_config(tmp_path):
+    _train(tmp_path / "run", "--agent", "mwnet", "--steps", "40", "--noise", "pairflip")
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    summary = train_teacher.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "60", "--no-progress"])
+    after = (tmp_path / "run" / "config.yaml").read_text()
+    assert "noise: pairflip" in after and "agent: mwnet" in after and "steps: 60" in after and before != after
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records][-1] == 60 and 0 <= summary["final_test_acc"] <= 1
+
+
+def test_console_scripts_exit_0_on_success(tmp_path):
+    script = Path(sys.executable).with_name("l2t-train")
+    if not script.exists():
+        pytest.skip("console scripts are not installed in this environment")
+    done = subprocess.run([str(script), "--out", str(tmp_path / "run"), *TINY, "--agent", "uniform", "--steps", "20"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "done in" in done.stdout and "{" not in done.stderr
