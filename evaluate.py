@@ -19,6 +19,7 @@ run, appended as it ends, so ``--resume`` re-runs only what is missing).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -39,7 +40,7 @@ from envs import env_factory
 from reporting import (
     add_uniform_ratio,
     aggregate,
-    selected_test_acc,
+    curve_summary,
     steps_to_threshold,
     summarise,
     write_plots,
@@ -186,9 +187,22 @@ class Job:
 
     @property
     def key(self) -> str:
-        """Identifies the job in runs.jsonl (everything that changes its result)."""
-        fields = [self.stage, json.dumps(self.setting, sort_keys=True), self.agent, self.seed, self.lr, list(self.options)]
-        return json.dumps(fields)
+        """Identifies the job in runs.jsonl: everything that changes its result, so that ``--resume``
+        after an edited config re-runs what changed instead of mixing old and new runs."""
+        cfg = self.cfg
+        training = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining) if f.name != "lr"}
+        context = {
+            **training, "steps": cfg.steps, "thresholds": cfg.thresholds, "device": cfg.device, "threads": cfg.threads,
+            "data_root": cfg.data_root, "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent_name),
+            "teacher": self.teacher_path and checkpoint_digest(self.teacher_path),
+        }  # fmt: skip
+        fields = [self.stage, self.setting, self.agent, self.seed, self.lr, dict(self.options), context]
+        return json.dumps(fields, sort_keys=True, default=str)
+
+    @property
+    def env_overrides(self) -> dict[str, Any]:
+        """The data pool its agent needs (clean-data baselines); loaded teachers train on the noisy data."""
+        return agent_class(self.agent_name).env_overrides if self.teacher_path is None else {}
 
     @property
     def agent_name(self) -> str:
@@ -199,7 +213,6 @@ def env_for(job: Job) -> gym.Env:
     """A fresh ``Teaching-v0`` for the job's setting and seed (tensor observations, in-process), with
     the data pool its agent needs (the clean-data baselines train on the clean split)."""
     cfg = job.cfg
-    overrides = agent_class(job.agent_name).env_overrides if job.teacher_path is None else {}
     return env_factory(
         **job.setting,
         **{**cfg.student_env_kwargs(), "lr": job.lr},
@@ -210,7 +223,7 @@ def env_for(job: Job) -> gym.Env:
         seed=job.seed,
         tensor_obs=True,
         disable_env_checker=True,
-        **overrides,
+        **job.env_overrides,
     )()
 
 
@@ -233,18 +246,14 @@ def run_job(job: Job) -> dict[str, Any]:
     stats, curve = WeightStats(), Curve()
     run = teach(start(env, teacher, job.seed), job.cfg.steps, [stats, curve])
     w, c = stats.arrays()
-    points, data = curve.points, env.unwrapped.data
+    points, data, diverged = curve.points, env.unwrapped.data, bool(run.info.get("diverged"))
     row = {
         "agent": job.agent, "seed": job.seed, **{k: job.setting[k] for k in GRID_KEYS},
         "student_kwargs": json.dumps(job.setting.get("student_kwargs")), "teacher_path": job.teacher_path or "",
         "trained_on": describe_training(job.teacher_path) if job.teacher_path else "", "online": teacher.training,
         "lr": job.lr, "options": json.dumps(dict(job.options)),
         "n_train": len(env.unwrapped.data.train), "n_clean": len(data.val), "n_test": len(data.test),
-        "steps": run.step, "diverged": bool(run.info.get("diverged")),
-        "final_test_acc": points[-1][2] if points else float("nan"), "selected_test_acc": selected_test_acc(points),
-        "final_val_acc": points[-1][1] if points else float("nan"),
-        "best_val_acc": max((v for _, v, _ in points), default=float("nan")),
-        "oracle_best_test_acc": max((t for _, _, t in points), default=float("nan")),
+        "steps": run.step, "diverged": diverged, **curve_summary(points, diverged, 1.0 / data.num_classes),
         "seconds_per_step": run.seconds / max(run.step, 1), **stats.summary(),
     }  # fmt: skip
     for threshold in job.cfg.threshold_values:
@@ -255,10 +264,19 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def describe_training(path: str) -> str:
-    """The settings a loaded teacher was trained on (``dataset/student/noise rate``, ``; ``-separated)."""
+    """The settings a loaded teacher was trained on (``dataset/student/noise rate``, ``; ``-separated)
+    and the seeds it met."""
     checkpoint = read_checkpoint(path)
-    settings = checkpoint["extra"].get("settings")
-    return "; ".join(settings) if settings else setting_label(checkpoint["env_config"])
+    extra = checkpoint["extra"]
+    settings = "; ".join(extra.get("settings") or [setting_label(checkpoint["env_config"])])
+    lo, hi = extra.get("seeds_used", [None, None])
+    return f"{settings} (seeds {lo}-{hi})" if lo is not None else f"{settings} (seeds not recorded)"
+
+
+def checkpoint_digest(path: str) -> str:
+    """A short content hash of a loaded teacher's checkpoint (part of its jobs' identity)."""
+    file = Path(path) / "teacher.pt" if Path(path).is_dir() else Path(path)
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
 
 
 def tuning_candidates(cfg: EvalConfig, agent: str) -> list[tuple[float, tuple[tuple[str, Any], ...]]]:
@@ -355,8 +373,7 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
     setting, or if it would meet a student of its own training (same seeds)."""
     seen = set()
     for job in jobs:
-        overrides = agent_class(job.agent_name).env_overrides if job.teacher_path is None else {}
-        key = (job.teacher_path, json.dumps(job.setting, sort_keys=True), json.dumps(overrides, sort_keys=True))
+        key = (job.teacher_path, json.dumps(job.setting, sort_keys=True), json.dumps(job.env_overrides, sort_keys=True))
         if key in seen:
             continue
         seen.add(key)

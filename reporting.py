@@ -21,7 +21,8 @@ from runconfig import setting_label
 
 SETTING_KEYS = ("dataset", "student", "noise", "noise_rate", "student_kwargs")
 CLEAN_BASELINES = ("clean_only", "uniform_plus_clean", "finetune")
-HEADLINE = "selected_test_acc"  # the metric paired differences are taken on
+HEADLINE = "selected_test_acc"  # test accuracy at the best validation accuracy
+FINAL = "final_test_acc"  # no selection at all: the comparison with the clean-data baselines, which train on the clean split
 TIE = 0.005  # |difference| up to half a point of accuracy counts as a tie
 METRICS = ("final_test_acc", "selected_test_acc", "best_val_acc", "auroc", "seconds_per_step", "time_ratio_to_uniform")
 
@@ -37,6 +38,22 @@ def selected_test_acc(curve: list[tuple[int, float, float]]) -> float:
         return float("nan")
     best = max(range(len(curve)), key=lambda i: (curve[i][1], -i))
     return curve[best][2]
+
+
+def curve_summary(
+    curve: list[tuple[int, float, float]], diverged: bool = False, chance: float = float("nan")
+) -> dict[str, float]:
+    """The metrics of one student's (step, val_acc, test_acc) evaluations. A student that diverged
+    ends at ``chance`` (its last evaluation came before the divergence and would flatter it); the
+    test accuracy at the best validation accuracy is what early stopping would have kept."""
+    nan = float("nan")
+    return {
+        "final_test_acc": chance if diverged else (curve[-1][2] if curve else nan),
+        "selected_test_acc": selected_test_acc(curve),
+        "final_val_acc": chance if diverged else (curve[-1][1] if curve else nan),
+        "best_val_acc": max((v for _, v, _ in curve), default=nan),
+        "oracle_best_test_acc": max((t for _, _, t in curve), default=nan),
+    }
 
 
 def summarise(values: list[float]) -> dict[str, float]:
@@ -82,25 +99,31 @@ def add_uniform_ratio(rows: list[dict[str, Any]]) -> None:
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (setting, agent): each metric's mean, std, 95% CI and n, and the paired
-    differences against ``uniform`` and against the setting's best clean-data baseline (the one with
-    the highest mean test accuracy at best validation: the comparator least favourable to teachers)."""
+    differences against ``uniform`` (final and at best validation) and against the setting's best
+    clean-data baseline on final test accuracy. The clean-data baselines train on the clean split, so
+    their validation accuracy is partly a training accuracy and selecting on it would misjudge them:
+    against them only the unselected final accuracy is compared, and the best of them is the one with
+    the highest mean final test accuracy (the comparator least favourable to teachers)."""
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
         groups.setdefault(setting_key(r), {}).setdefault(r["agent"], []).append(r)
     table = []
     for agents in groups.values():
         baselines = [a for a in CLEAN_BASELINES if a in agents]
-        best_clean = max(baselines, key=lambda a: summarise([r[HEADLINE] for r in agents[a]])["mean"], default=None)
+        best_clean = max(baselines, key=lambda a: summarise([r[FINAL] for r in agents[a]])["mean"], default=None)
         for agent, group in agents.items():
             first = group[0]
             line = {k: first[k] for k in (*SETTING_KEYS, "agent", "trained_on", "online", "n_train", "n_clean", "n_test")}
             line.update({m: summarise([r[m] for r in group]) for m in METRICS})
             line["seeds"] = sorted(r["seed"] for r in group)
             line["lr"], line["options"] = first["lr"], first["options"]
-            line["vs_uniform"] = paired(group, agents["uniform"]) if "uniform" in agents and agent != "uniform" else None
+            vs_uniform = "uniform" in agents and agent != "uniform"
+            line["vs_uniform"] = paired(group, agents["uniform"]) if vs_uniform else None
+            line["vs_uniform_final"] = paired(group, agents["uniform"], FINAL) if vs_uniform else None
             vs_clean = best_clean is not None and agent != best_clean and agent not in CLEAN_BASELINES
             line["best_clean"] = best_clean
-            line["vs_best_clean"] = paired(group, agents[best_clean]) if vs_clean else None
+            line["vs_best_clean"] = paired(group, agents[best_clean], FINAL) if vs_clean else None
+            line["diverged"] = sum(bool(r["diverged"]) for r in group)
             table.append(line)
     return table
 
@@ -143,18 +166,24 @@ def write_report(out: Path, config: dict[str, Any], table: list[dict[str, Any]],
     lines += [f"- `{k}`: {v}" for k, v in config.items() if k not in skip]
     lines += [
         "",
-        "Accuracies in %: mean ± std [95% t-interval half-width] over seeds. **test @ best val** is the test accuracy at the "
-        "evaluation with the best clean validation accuracy (selection on validation only). **Δ** columns are differences "
-        "of test @ best val paired by seed, mean [95% interval] (wins/ties/losses; a tie is within "
-        f"{100 * TIE:.1f} points), against `uniform` and against the best clean-data baseline of the setting "
-        "(chosen by its mean test accuracy, the comparator least favourable to teachers). `time x`: time per student "
-        "step relative to `uniform`. The oracle is a reference that reads the corruption mask, not a teacher.",
+        "Accuracies in %: mean ± std [95% t-interval half-width] over seeds. **final** is the test accuracy at the end "
+        "(a student that diverged counts at chance); **@ best val** is the test accuracy at the evaluation with the best "
+        "clean validation accuracy (selection on validation only). **Δ** columns are differences paired by seed, mean "
+        f"[95% interval] (wins/ties/losses; a tie is within {100 * TIE:.1f} points): against `uniform` on both metrics, "
+        "and against the setting's best clean-data baseline on the final accuracy only (those baselines train on the "
+        "clean split, so their validation accuracy is partly a training accuracy; the best of them is the one with the "
+        "highest mean final accuracy, the comparator least favourable to teachers). `div.`: diverged students. "
+        "`time x`: time per student step relative to `uniform`. The oracle is a reference that reads the corruption "
+        "mask, not a teacher.",
         "",
     ]
     by_setting: dict[tuple, list[dict[str, Any]]] = {}
     for line in table:
         by_setting.setdefault(tuple(line[k] for k in SETTING_KEYS), []).append(line)
-    header = "| agent | final test | test @ best val | Δ vs uniform | Δ vs best clean | AUROC | time x |"
+    header = (
+        "| agent | final | Δ final vs uniform | Δ final vs best clean | @ best val | Δ @ best val vs uniform | AUROC | div. "
+        "| time x |"
+    )
     for setting, group in by_setting.items():
         dataset, student, noise, rate, kwargs = setting
         first = group[0]
@@ -162,12 +191,12 @@ def write_report(out: Path, config: dict[str, Any], table: list[dict[str, Any]],
         sizes = f"train {first['n_train']} (noisy labels), clean {first['n_clean']}, test {first['n_test']}"
         seeds = ", ".join(map(str, first["seeds"]))
         lines += [title, "", f"{sizes}; seeds {seeds}; best clean-data baseline: {first['best_clean'] or '-'}", "", header]
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for line in sorted(group, key=lambda r: -np.nan_to_num(r[HEADLINE]["mean"], nan=-1)):
             lines.append(
-                f"| {agent_label(line)} | {fmt(line['final_test_acc'], 100, 1)} | {fmt(line[HEADLINE], 100, 1)} | "
-                f"{fmt_paired(line['vs_uniform'])} | {fmt_paired(line['vs_best_clean'])} | {fmt(line['auroc'], 1, 3)} | "
-                f"{fmt(line['time_ratio_to_uniform'], 1, 2)} |"
+                f"| {agent_label(line)} | {fmt(line[FINAL], 100, 1)} | {fmt_paired(line['vs_uniform_final'])} | "
+                f"{fmt_paired(line['vs_best_clean'])} | {fmt(line[HEADLINE], 100, 1)} | {fmt_paired(line['vs_uniform'])} | "
+                f"{fmt(line['auroc'], 1, 3)} | {line['diverged']}/{len(line['seeds'])} | {fmt(line['time_ratio_to_uniform'], 1, 2)} |"
             )
         lines.append("")
     if tuning:

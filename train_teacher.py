@@ -30,7 +30,7 @@ from agents.base import AGENTS, CheckpointError, Teacher, agent_class, make_agen
 from agents.loop import Callback, Curve, TeacherScalars, TeachingRun, WeightStats, start, teach
 from envs import env_factory
 from envs.rewards import REWARDS
-from reporting import selected_test_acc
+from reporting import curve_summary
 from runconfig import (
     EnvSetting,
     StudentTraining,
@@ -52,7 +52,6 @@ RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "progress", "threads", "checkp
 class TrainRun(EnvSetting, StudentTraining):
     """Everything a teacher-training run depends on, besides the teacher's own options."""
 
-    agent: str = field("meta_grad", "teacher to train (one of the registered agents)")
     steps: int = field(3000, "total student updates (across episodes)", low=1)
     epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)", above=0.0)
     horizon: int | None = field(
@@ -251,7 +250,7 @@ def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, s
     finally:
         bar.bar.close()
         log.writer.close()
-    return summarise(run_dir, time.perf_counter() - started)
+    return run_summary(run_dir, time.perf_counter() - started)
 
 
 def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, saved: dict[str, Any] | None) -> dict[str, Any]:
@@ -267,7 +266,6 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
     log = RunLog(run_dir, cfg, done_steps)
     bar = ProgressBar(cfg.steps, done_steps, f"{cfg.agent} on {cfg.dataset}", cfg.progress).bar
     last_saved = [done_steps]
-    seeds_used = [cfg.seed, cfg.seed]  # every episode draws from the data split and noise of cfg.seed
     started = time.perf_counter()
 
     def report(step: int, record: dict[str, Any]) -> None:
@@ -276,7 +274,8 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
         if "student/test_acc" in record:
             bar.set_postfix(test_acc=f"{record['student/test_acc']:.3f}", ret=f"{record.get('teacher/return', 0):.3f}")
         if step - last_saved[0] >= cfg.checkpoint_every or step >= cfg.steps:
-            teacher.save(run_dir / "teacher.pt", probe, extra={"step": step, "episode": 0, "seeds_used": seeds_used})
+            extra = {"step": step, "episode": 0, "seeds_used": teacher.seeds_met(cfg.seed, cfg.n_envs)}
+            teacher.save(run_dir / "teacher.pt", probe, extra=extra)
             last_saved[0] = step
 
     try:
@@ -284,7 +283,8 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(last_saved[0]) from None
-    teacher.save(run_dir / "teacher.pt", probe, extra={"step": cfg.steps, "episode": 0, "seeds_used": seeds_used})
+    extra = {"step": cfg.steps, "episode": 0, "seeds_used": teacher.seeds_met(cfg.seed, cfg.n_envs)}
+    teacher.save(run_dir / "teacher.pt", probe, extra=extra)
     bar.close()
     log.writer.close()
     return {**taught_student_summary(teacher, probe, cfg.seed), "seconds": time.perf_counter() - started}
@@ -294,12 +294,10 @@ def taught_student_summary(teacher: Teacher, env: gym.Env, seed: int) -> dict[st
     """Teach one fresh student with the frozen ``teacher``; its test accuracy and the weights' AUROC."""
     teacher.train(False)
     stats, curve = WeightStats(), Curve()
-    teach(start(env, teacher, seed + 10_000), env.unwrapped.horizon, [stats, curve])
-    return {
-        "final_test_acc": curve.points[-1][2],
-        "selected_test_acc": selected_test_acc(curve.points),
-        "auroc": stats.summary()["auroc"],
-    }
+    run = teach(start(env, teacher, seed + 1_000_000), env.unwrapped.horizon, [stats, curve])
+    chance = 1.0 / env.unwrapped.data.num_classes
+    summary = curve_summary(curve.points, bool(run.info.get("diverged")), chance)
+    return {k: summary[k] for k in ("final_test_acc", "selected_test_acc", "best_val_acc")} | {"auroc": stats.summary()["auroc"]}
 
 
 def rl_horizon(cfg: Any) -> int:
@@ -313,18 +311,16 @@ def checkpoint_interval(cfg: Any) -> int:
     return unit * math.ceil(cfg.checkpoint_every / unit)
 
 
-def summarise(run_dir: Path, seconds: float) -> dict[str, Any]:
+def run_summary(run_dir: Path, seconds: float) -> dict[str, Any]:
     """Final test accuracy of the last episode, the test accuracy at its best validation accuracy,
     and the teacher's mean AUROC, from metrics.jsonl."""
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evaluated = [r for r in records if "student/test_acc" in r]
     last_episode = [r for r in evaluated if r["episode"] == evaluated[-1]["episode"]] if evaluated else []
     aurocs = [r["teacher/auroc"] for r in records if np.isfinite(r.get("teacher/auroc", float("nan")))]
-    points = [(r["step"], r["student/val_acc"], r["student/test_acc"]) for r in last_episode]
+    summary = curve_summary([(r["step"], r["student/val_acc"], r["student/test_acc"]) for r in last_episode])
     return {
-        "final_test_acc": points[-1][2] if points else float("nan"),
-        "selected_test_acc": selected_test_acc(points),
-        "best_val_acc": max((p[1] for p in points), default=float("nan")),
+        **{k: summary[k] for k in ("final_test_acc", "selected_test_acc", "best_val_acc")},
         "auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
         "seconds": seconds,
     }

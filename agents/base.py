@@ -123,6 +123,11 @@ class Teacher:
         as episodes finish."""
         raise NotImplementedError(f"{self.name!r} is a {self.kind} teacher; only episodic teachers train over episodes")
 
+    def seeds_met(self, first_seed: int, n_envs: int) -> list[int]:
+        """Episodic teachers: the range of env seeds their training episodes were reset with (the data
+        split and noise are those of ``first_seed``), so that evaluation can avoid them."""
+        return [first_seed, first_seed + n_envs - 1]
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -156,6 +156,10 @@ class ReinforceTeacher(Teacher):
         # every round takes at least one update per env, so ``steps`` rounds is an upper bound
         self.learn(make_env, rounds=steps, n_envs=n_envs, seed=self.options.seed, callback=after_round)
 
+    def seeds_met(self, first_seed: int, n_envs: int) -> list[int]:
+        """Round r resets its episodes with ``first_seed + r * n_envs`` (+ i when unpaired)."""
+        return [first_seed, first_seed + max(self.rounds, 1) * n_envs - 1]
+
     def learn_round(self, envs: gym.vector.VectorEnv, seed: int) -> dict[str, Any]:
         """Run one episode in every env of ``envs``, then take one REINFORCE step."""
         n = envs.num_envs

@@ -97,6 +97,11 @@ def load_dataset(
         if train_size <= 0:
             raise ValueError(f"train_size must be positive, got {train_size}")
         train_idx = train_idx[:train_size]
+        if val_size > len(train_idx):
+            raise ValueError(
+                f"the clean validation split ({val_size}) would be larger than the training split kept by train_size "
+                f"({len(train_idx)}); lower val_size or raise train_size"
+            )
     mean, std = _normalisation(x_train[train_idx])
 
     def split(x: np.ndarray, y: np.ndarray) -> Split:

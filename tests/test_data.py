@@ -89,3 +89,5 @@ def test_clean_split_size_is_a_count_a_fraction_or_the_default_and_never_exceeds
         load_dataset("digits", val_size=1000)
     with pytest.raises(ValueError, match="whole count"):
         load_dataset("digits", val_size=10.5)
+    with pytest.raises(ValueError, match="larger than the training split kept by train_size"):
+        load_dataset("digits", val_size=300, train_size=100)

@@ -39,7 +39,7 @@ def test_small_suite_runs_end_to_end_and_writes_every_output(tmp_path):
         section = report.split(f"## digits / mlp / {noise} 0.4")[1].split("##")[0]
         rows_md = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| agent")]
         assert len(rows_md) == 4
-        accs = [float(line.split("|")[3].split()[0]) for line in rows_md]
+        accs = [float(line.split("|")[5].split()[0]) for line in rows_md]
         assert accs == sorted(accs, reverse=True), "the table is sorted by test accuracy at best validation accuracy"
     assert "best_test_acc" not in report and "oracle_best_test_acc" in table[0], "no selection on test in the report"
     assert "train 1237 (noisy labels), clean 200, test 360" in report
@@ -111,9 +111,12 @@ def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path):
         evaluate.main(["--out", str(tmp_path / "in-sample"), *target, "--seed", "0"])
     rows = evaluate.main(["--out", str(tmp_path / "t"), *target, "--seed", "1"])
     transferred = [r for r in rows if r["teacher_path"]]
-    assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric 0.4" and not transferred[0]["online"]
+    assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric 0.4 (seeds 0-0)" and not transferred[0]["online"]
     report = (tmp_path / "t" / "report.md").read_text()
-    assert "## Transfer pairs" in report and "digits/mlp/symmetric 0.4 | mnist1d/cnn/symmetric 0.4 (1-2) | frozen" in report
+    assert (
+        "## Transfer pairs" in report
+        and "digits/mlp/symmetric 0.4 (seeds 0-0) | mnist1d/cnn/symmetric 0.4 (1-2) | frozen" in report
+    )
     assert not (tmp_path / "in-sample").exists()
 
 
@@ -241,8 +244,8 @@ def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
                      "--leave-one-out", "meta_grad", "--pretrain-steps", "40")  # fmt: skip
     held_out = [r for r in rows if r["agent"] == "meta_grad@held-out"]
     assert {(r["noise"], r["trained_on"]) for r in held_out} == {
-        ("symmetric", "digits/mlp/pairflip 0.4"),
-        ("pairflip", "digits/mlp/symmetric 0.4"),
+        ("symmetric", "digits/mlp/pairflip 0.4 (seeds 10000-10000)"),
+        ("pairflip", "digits/mlp/symmetric 0.4 (seeds 10000-10000)"),
     }
     assert all(not r["online"] for r in held_out), "evaluated frozen"
     assert "## Transfer pairs" in (tmp_path / "report" / "report.md").read_text()

@@ -107,21 +107,30 @@ def test_replayed_updates_reproduce_the_real_ones_exactly():
         assert torch.equal(params[name], p.detach()), name
 
 
-def test_meta_step_leaves_batchnorm_running_statistics_alone():
+def test_meta_step_leaves_batchnorm_running_statistics_alone(monkeypatch):
+    """On a student with BatchNorm, the teacher's update (its meta-gradient's forward passes) leaves
+    the running statistics exactly as the real step left them."""
     env = make_tensor_env(**STUDENTS["resnet20-bn"], batch_size=8)
+    buffers = lambda: {k: v.clone() for k, v in env.unwrapped.handle.buffers.items()}  # noqa: E731
     for unroll in (1, 2):
-        teacher = make_agent("meta_grad", unroll=unroll).train().attach(env.unwrapped.handle)
-        obs, _ = env.reset(seed=0)
-        for _ in range(2):
-            obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
-            before = {k: v.clone() for k, v in env.unwrapped.handle.buffers.items()}
-            teacher.observe(reward, terminated, info)
-            after = env.unwrapped.handle.buffers
-            assert all(torch.equal(before[k], after[k]) for k in before), f"unroll {unroll}: running stats changed"
-        assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if "running_mean" in k)
+        teacher = make_agent("meta_grad", unroll=unroll).train()
+        real_observe, changed = teacher.observe, []
+
+        def observe_and_compare(reward, done, info, real_observe=real_observe, changed=changed):
+            before = buffers()
+            scalars = real_observe(reward, done, info)
+            changed.extend(k for k, v in buffers().items() if not torch.equal(before[k], v))
+            return scalars
+
+        monkeypatch.setattr(teacher, "observe", observe_and_compare)
+        scalars = TeacherScalars()
+        teach(start(env, teacher, seed=0), 2, [scalars])
+        assert len(scalars.values["meta_loss"]) == 2 // unroll, "the meta steps were taken"
+        assert not changed, f"unroll {unroll}: running statistics changed: {changed}"
+        assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in buffers().items() if "running_mean" in k)
 
 
-def test_l2rw_weights_are_normalised_and_track_validation_alignment():
+def test_l2rw_weights_are_in_the_box_and_need_the_handle():
     env = make_tensor_env(noise_rate=0.4)
     teacher = make_agent("l2rw", val_batch=64).attach(env.unwrapped.handle)
     obs, info = env.reset(seed=0)
@@ -222,11 +231,12 @@ def test_fast_path_matches_the_straightforward_one_in_float32(student):
 @pytest.mark.parametrize("student", list(STUDENTS))
 def test_graph_path_through_real_updates_equals_the_replay(student):
     """B = 3: back-propagating through the env's own (differentiable) updates gives the teacher the
-    same gradient as replaying those updates from their recorded starting points."""
+    same gradient as replaying those updates from their recorded starting points (weights far from
+    uniform, cosine schedule, so that every parameter's gradient is non-trivial)."""
     grads = {}
     for method in ("graph", "replay"):
-        env = make_tensor_env(**STUDENTS[student], batch_size=8, dtype="float64", lr=0.05)
-        teacher = MetaGradTeacher(unroll=3, hidden=8, method=method, seed=0).train()
+        env = make_tensor_env(**STUDENTS[student], batch_size=8, dtype="float64", lr=0.05, lr_schedule="cosine", horizon=6)
+        teacher = far_from_uniform(MetaGradTeacher(unroll=3, hidden=8, method=method, seed=0).train())
         teacher.net.double()
         obs, _ = env.reset(seed=0)
         for _ in range(3):
@@ -236,8 +246,14 @@ def test_graph_path_through_real_updates_equals_the_replay(student):
         val_loss, grads[method] = teacher.attach(env.unwrapped.handle).meta_gradient()
         if method == "graph":
             assert all(p.grad_fn is None for p in env.unwrapped.handle.params.values()), "the history was cut"
+    scale = max(float(g.abs().max()) for g in grads["replay"])
+    names = [n for n, _ in teacher.net.named_parameters()]
+    # the output bias (and a context layer whose shift stays in ReLU's linear part) only move the
+    # logits' batch mean, which the centring removes: their true gradient is zero
+    compared = [g for n, g in zip(names, grads["replay"]) if n.startswith("body") or n == "out.weight"]
+    assert all(float(g.abs().max()) > 1e-6 * scale for g in compared), "the network's layers have gradients to compare"
     for a, b in zip(grads["graph"], grads["replay"]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * scale)
 
 
 def test_graph_path_trains_a_teacher_end_to_end():

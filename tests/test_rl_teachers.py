@@ -10,6 +10,7 @@ import torch
 
 import train_teacher
 from agents import load_teacher, make_agent
+from agents.loop import start, teach
 from agents.reinforce import bernoulli_log_prob, reinforce_loss
 from envs import env_factory
 from tests.conftest import TINY, make_env, make_tensor_env
@@ -102,14 +103,12 @@ def test_one_env_instance_serves_reinforce_ppo_and_meta_grad(tmp_path):
     teachers = {
         "reinforce": make_agent("reinforce"), "ppo": ppo, "meta_grad": make_agent("meta_grad").train().attach(env.unwrapped.handle)
     }  # fmt: skip
-    obs, _ = env.reset(seed=0)
+    run = start(env, teachers["reinforce"], seed=0)
     for name, teacher in teachers.items():
-        for _ in range(3):
-            weights = teacher.act(obs)
-            obs, reward, terminated, truncated, info = env.step(weights)
-            teacher.observe(reward, terminated, info)
-            assert weights.shape == (16,), name
-    assert env.unwrapped.t == 9
+        run.teacher = teacher  # the same student, taught three steps by each
+        teach(run, 3)
+        assert run.weights.shape == (16,), name
+    assert env.unwrapped.t == 9 and run.step == 9
 
 
 @pytest.mark.parametrize("agent", ["reinforce", "ppo"])
