@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -32,7 +30,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from agents.base import AGENTS, CheckpointError, Teacher, agent_class, load_teacher, make_agent, options_for, read_checkpoint
 from agents.loop import Curve, WeightStats, start, teach
@@ -59,6 +56,7 @@ from runconfig import (
     yaml_value,
 )
 from students.data import DatasetNotFoundError, check_name
+from sweeps import BACKENDS, Sweep, checkpoint_file
 
 TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
@@ -97,7 +95,11 @@ class EvalConfig(EnvSetting, StudentTraining):
     tune_seeds: int = field(2, "tuning seeds per candidate", low=1)
     tune_seed: int = field(1000, "first tuning seed (tuning seeds must not overlap the reported ones)", low=0)
     thresholds: str = field("0.5,0.6", "validation accuracies for steps-to-threshold (CSV/JSON), comma-separated")
-    workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs", low=1)
+    workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs (--backend processes)", low=1)
+    backend: str = field("processes", "where jobs run: processes (local workers) or ray (Ray tasks)", choices=list(BACKENDS))
+    ray_address: str | None = field(None, "Ray cluster to join (host:port or auto; default $RAY_ADDRESS, else a local Ray)")
+    job_cpus: float = field(1.0, "--backend ray: CPUs each job reserves", above=0.0)
+    job_gpus: float = field(0.0, "--backend ray: GPUs each job reserves", low=0.0)
     threads: int = field(1, "torch threads per job (fixed, so results do not depend on --workers)", low=1)
     out: str = field("reports/latest", "output folder")
     resume: bool = field(False, "reuse the finished runs in --out/runs.jsonl and run only the missing ones")
@@ -200,6 +202,10 @@ class Job:
         return json.dumps(fields, sort_keys=True, default=str)
 
     @property
+    def label(self) -> str:
+        return f"{setting_label(self.setting)} {self.agent} seed {self.seed} ({self.stage})"
+
+    @property
     def env_overrides(self) -> dict[str, Any]:
         """The data pool its agent needs (clean-data baselines); loaded teachers train on the noisy data."""
         return agent_class(self.agent_name).env_overrides if self.teacher_path is None else {}
@@ -227,22 +233,24 @@ def env_for(job: Job) -> gym.Env:
     )()
 
 
-def build_teacher(job: Job, env: Any) -> Teacher:
-    """The job's teacher: loaded and checked against the env, or fresh; online learners in train mode."""
+def build_teacher(job: Job, env: Any, checkpoint: str | None = None) -> Teacher:
+    """The job's teacher: loaded (from ``checkpoint``, a local copy, when given) and checked against
+    the env, or fresh; online learners in train mode."""
     if job.teacher_path is not None:
-        teacher = load_teacher(job.teacher_path, env=env, device=env.unwrapped.device)
+        teacher = load_teacher(checkpoint or job.teacher_path, env=env, device=env.unwrapped.device)
         return teacher.train(job.cfg.online and teacher.kind == "online")
     values = {**(job.cfg.agent_options or {}).get(job.agent, {}), **dict(job.options)}
     teacher = make_agent(job.agent, **options_for(job.agent, values, seed=job.seed)).to(env.unwrapped.device)
     return teacher.train(teacher.kind == "online")
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Train one fresh student under the job's teacher; its metrics, curve and weight samples."""
+def run_job(job: Job, checkpoint: str | None = None) -> dict[str, Any]:
+    """Train one fresh student under the job's teacher; its metrics, curve and weight samples.
+    ``checkpoint``: a local copy of the loaded teacher (on a Ray worker)."""
     torch.set_num_threads(job.cfg.threads)
     torch.manual_seed(job.seed)
     env = env_for(job)
-    teacher = build_teacher(job, env)
+    teacher = build_teacher(job, env, checkpoint)
     stats, curve = WeightStats(), Curve()
     run = teach(start(env, teacher, job.seed), job.cfg.steps, [stats, curve])
     w, c = stats.arrays()
@@ -250,7 +258,7 @@ def run_job(job: Job) -> dict[str, Any]:
     row = {
         "agent": job.agent, "seed": job.seed, **{k: job.setting[k] for k in GRID_KEYS},
         "student_kwargs": json.dumps(job.setting.get("student_kwargs")), "teacher_path": job.teacher_path or "",
-        "trained_on": describe_training(job.teacher_path) if job.teacher_path else "", "online": teacher.training,
+        "trained_on": describe_training(checkpoint or job.teacher_path) if job.teacher_path else "", "online": teacher.training,
         "lr": job.lr, "options": json.dumps(dict(job.options)),
         "n_train": len(env.unwrapped.data.train), "n_clean": len(data.val), "n_test": len(data.test),
         "steps": run.step, "diverged": diverged, **curve_summary(points, diverged, 1.0 / data.num_classes),
@@ -275,8 +283,7 @@ def describe_training(path: str) -> str:
 
 def checkpoint_digest(path: str) -> str:
     """A short content hash of a loaded teacher's checkpoint (part of its jobs' identity)."""
-    file = Path(path) / "teacher.pt" if Path(path).is_dir() else Path(path)
-    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(checkpoint_file(path).read_bytes()).hexdigest()[:16]
 
 
 def tuning_candidates(cfg: EvalConfig, agent: str) -> list[tuple[float, tuple[tuple[str, Any], ...]]]:
@@ -397,50 +404,14 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
             )
 
 
-# ------------------------------------------------------------------------------------------ running
-def read_finished(path: Path) -> dict[str, dict[str, Any]]:
-    """The finished runs recorded in runs.jsonl (a line cut by a crash is ignored)."""
-    finished = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            finished[result["key"]] = result
-    return finished
-
-
-def append_result(path: Path, result: dict[str, Any]) -> None:
-    """Append one finished run as one line, flushed to disk before the next run starts."""
-    with path.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def run_all(jobs: list[Job], workers: int, progress: bool, log: Path, description: str) -> list[dict[str, Any]]:
-    """Run the jobs not yet in ``log`` (in ``workers`` processes), appending each as it ends;
-    returns every job's result in job order."""
-    finished = read_finished(log)
-    todo = [job for job in jobs if job.key not in finished]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not progress, desc=description, unit="run")
-    if workers == 1 or len(todo) <= 1:
-        results = map(run_job, todo)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("forkserver").Pool(workers)
-        results = pool.imap_unordered(run_job, todo)
-    try:
-        for result in results:
-            append_result(log, result)
-            finished[result["key"]] = result
-            bar.update(1)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
-    return [finished[job.key] for job in jobs]
+def failed_jobs(out: Path, missing: list[Job]) -> list[dict[str, str]]:
+    """The latest recorded error of every job that did not finish (``errors.jsonl``)."""
+    errors = {}
+    if (out / "errors.jsonl").exists():
+        for line in (out / "errors.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            errors[record["key"]] = record
+    return [{"job": job.label, "error": errors.get(job.key, {}).get("error", "did not finish")} for job in missing]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -459,15 +430,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not jobs:
             raise ValueError("the grid is empty: nothing to run")
         check_before_training(cfg, tuning + jobs)
+        sweep = Sweep(cfg.backend, cfg.workers, cfg.ray_address, cfg.job_cpus, cfg.job_gpus)
+        sweep.connect()
     except (ValueError, CheckpointError, DatasetNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.jsonl"
     chosen, choices, held_out = {}, [], None
     if tuning:
-        chosen, choices = choose(cfg, run_all(tuning, cfg.workers, cfg.progress, log, "tuning"))
+        finished = sweep.run(tuning, run_job, out, "tuning", cfg.progress)
+        chosen, choices = choose(cfg, [finished[job.key] for job in tuning if job.key in finished])
     if cfg.leave_one_out:
         held_out = pretrain_held_out(cfg, out)
         try:
@@ -476,13 +449,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"evaluate.py: error: {e}", file=sys.stderr)
             sys.exit(2)
     jobs = report_jobs(cfg, chosen, held_out)
-    results = run_all(jobs, cfg.workers, cfg.progress, log, "students")
+    finished = sweep.run(jobs, run_job, out, "students", cfg.progress)
+    results = [finished[job.key] for job in jobs if job.key in finished]
+    failures = failed_jobs(out, [job for job in tuning + jobs if job.key not in finished])
     rows = [r["row"] for r in results]
     add_uniform_ratio(rows)
     table = aggregate(rows)
     config = dataclasses.asdict(cfg)
     write_tables(out, config, rows, table, choices)
-    write_report(out, config, table, choices)
+    write_report(out, config, table, choices, failures)
     write_plots(out, results)
     print((out / "report.md").read_text())
     return rows

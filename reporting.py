@@ -158,10 +158,13 @@ def agent_label(line: dict[str, Any]) -> str:
     return line["agent"]
 
 
-def write_report(out: Path, config: dict[str, Any], table: list[dict[str, Any]], tuning: list[dict[str, Any]]) -> None:
+def write_report(
+    out: Path, config: dict[str, Any], table: list[dict[str, Any]], tuning: list[dict[str, Any]], failures: list[dict[str, str]]
+) -> None:
     """report.md: the settings, one table per setting sorted by test accuracy at best validation
-    accuracy, paired differences, the tuned values, and the transfer pairs with their seeds."""
-    skip = {"agents", "teachers", "out", "progress", "workers", "resume"}
+    accuracy, paired differences, the tuned values, the transfer pairs with their seeds, and the
+    jobs that failed (left out of every statistic above)."""
+    skip = {"agents", "teachers", "out", "progress", "workers", "resume", "backend", "ray_address", "job_cpus", "job_gpus"}
     lines = ["# Teacher benchmark", "", "## Settings", ""]
     lines += [f"- `{k}`: {v}" for k, v in config.items() if k not in skip]
     lines += [
@@ -231,6 +234,9 @@ def write_report(out: Path, config: dict[str, Any], table: list[dict[str, Any]],
                 f"{fmt_paired(line['vs_uniform'])} | {fmt(line['auroc'], 1, 3)} |"
             )
         lines.append("")
+    if failures:
+        lines += ["## Failed runs", "", f"{len(failures)} run(s) failed and are left out of every statistic above:", ""]
+        lines += [f"- {f['job']}: {f['error']}" for f in failures] + [""]
     lines += ["Plots: `curves.png` (test accuracy over steps), `weights.png` (weights of clean vs corrupted samples).", ""]
     atomic_write(out / "report.md", "\n".join(lines))
 

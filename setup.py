@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["envs", "envs.*", "agents", "agents.*", "students", "students.*"]),
-    py_modules=["train_teacher", "evaluate", "runconfig", "reporting"],
+    py_modules=["train_teacher", "evaluate", "runconfig", "reporting", "sweeps"],
     install_requires=[
         "torch>=2.3",
         "torchvision>=0.18",
@@ -26,6 +26,6 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"dev": ["pytest>=7.4", "ruff>=0.5"]},
+    extras_require={"ray": ["ray>=2.9"], "dev": ["pytest>=7.4", "ruff>=0.5", "ray>=2.9"]},
     entry_points={"console_scripts": ["l2t-train=train_teacher:cli", "l2t-evaluate=evaluate:cli"]},
 )
