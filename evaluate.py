@@ -260,7 +260,8 @@ def run_job(job: Job, checkpoint: str | None = None) -> dict[str, Any]:
         "student_kwargs": json.dumps(job.setting.get("student_kwargs")), "teacher_path": job.teacher_path or "",
         "trained_on": describe_training(checkpoint or job.teacher_path) if job.teacher_path else "", "online": teacher.training,
         "lr": job.lr, "options": json.dumps(dict(job.options)),
-        "n_train": len(env.unwrapped.data.train), "n_clean": len(data.val), "n_test": len(data.test),
+        "n_train": len(data.train), "n_clean": len(data.val), "n_select": len(data.select) if data.select else 0,
+        "n_test": len(data.test),
         "steps": run.step, "diverged": diverged, **curve_summary(points, diverged, 1.0 / data.num_classes),
         "seconds_per_step": run.seconds / max(run.step, 1), **stats.summary(),
     }  # fmt: skip

@@ -113,7 +113,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best_clean = max(baselines, key=lambda a: summarise([r[FINAL] for r in agents[a]])["mean"], default=None)
         for agent, group in agents.items():
             first = group[0]
-            line = {k: first[k] for k in (*SETTING_KEYS, "agent", "trained_on", "online", "n_train", "n_clean", "n_test")}
+            line = {
+                k: first.get(k, 0)
+                for k in (*SETTING_KEYS, "agent", "trained_on", "online", "n_train", "n_clean", "n_select", "n_test")
+            }
             line.update({m: summarise([r[m] for r in group]) for m in METRICS})
             line["seeds"] = sorted(r["seed"] for r in group)
             line["lr"], line["options"] = first["lr"], first["options"]
@@ -171,10 +174,10 @@ def write_report(
         "",
         "Accuracies in %: mean ± std [95% t-interval half-width] over seeds. **final** is the test accuracy at the end "
         "(a student that diverged counts at chance); **@ best val** is the test accuracy at the evaluation with the best "
-        "clean validation accuracy (selection on validation only). **Δ** columns are differences paired by seed, mean "
+        "accuracy on the held-out selection split (part of the clean data that no method trains or meta-learns on; "
+        "without one, the validation split). **Δ** columns are differences paired by seed, mean "
         f"[95% interval] (wins/ties/losses; a tie is within {100 * TIE:.1f} points): against `uniform` on both metrics, "
-        "and against the setting's best clean-data baseline on the final accuracy only (those baselines train on the "
-        "clean split, so their validation accuracy is partly a training accuracy; the best of them is the one with the "
+        "and against the setting's best clean-data baseline on the final accuracy (the best of them is the one with the "
         "highest mean final accuracy, the comparator least favourable to teachers). `div.`: diverged students. "
         "`time x`: time per student step relative to `uniform`. The oracle is a reference that reads the corruption "
         "mask, not a teacher.",
@@ -191,7 +194,10 @@ def write_report(
         dataset, student, noise, rate, kwargs = setting
         first = group[0]
         title = f"## {dataset} / {student} / {noise} {rate}" + (f" ({kwargs})" if kwargs != "null" else "")
-        sizes = f"train {first['n_train']} (noisy labels), clean {first['n_clean']}, test {first['n_test']}"
+        sizes = (
+            f"train {first['n_train']} (noisy labels), clean {first['n_clean']} (what teachers and clean-data baselines use) "
+            f"+ {first['n_select']} held out for selection and tuning only, test {first['n_test']}"
+        )
         seeds = ", ".join(map(str, first["seeds"]))
         lines += [title, "", f"{sizes}; seeds {seeds}; best clean-data baseline: {first['best_clean'] or '-'}", "", header]
         lines.append("|---|---|---|---|---|---|---|---|---|")

@@ -138,6 +138,12 @@ class StudentTraining:
         default_text="10% of the training set, at most 1000",
     )
     train_size: int | None = field(None, "keep at most this many training samples", low=1)
+    select_fraction: float = field(
+        0.5,
+        "share of the clean split held out for selection and tuning only (no method trains or meta-learns on it)",
+        low=0,
+        below=1,
+    )
 
     def student_env_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of ``Teaching-v0``."""

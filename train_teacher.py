@@ -165,9 +165,8 @@ class RunLog(Callback):
         self.scalars.on_step(run)
         info = run.info
         if "val_acc" in info:
-            record = {
-                f"student/{k}": info[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc", "train_loss", "train_acc")
-            }
+            keys = ("val_loss", "val_acc", "select_loss", "select_acc", "test_loss", "test_acc", "train_loss", "train_acc")
+            record = {f"student/{k}": info[k] for k in keys if k in info}
             record["episode"] = run.episode
             record.update({f"teacher/{k}": v for k, v in self.scalars.flush().items()})
             record.update({f"teacher/{k}": v for k, v in self.weights.summary().items()})
@@ -318,7 +317,8 @@ def run_summary(run_dir: Path, seconds: float) -> dict[str, Any]:
     evaluated = [r for r in records if "student/test_acc" in r]
     last_episode = [r for r in evaluated if r["episode"] == evaluated[-1]["episode"]] if evaluated else []
     aurocs = [r["teacher/auroc"] for r in records if np.isfinite(r.get("teacher/auroc", float("nan")))]
-    summary = curve_summary([(r["step"], r["student/val_acc"], r["student/test_acc"]) for r in last_episode])
+    selection = lambda r: r.get("student/select_acc", r["student/val_acc"])  # noqa: E731  (the held-out split when there is one)
+    summary = curve_summary([(r["step"], selection(r), r["student/test_acc"]) for r in last_episode])
     return {
         **{k: summary[k] for k in ("final_test_acc", "selected_test_acc", "best_val_acc")},
         "auroc": float(np.mean(aurocs)) if aurocs else float("nan"),

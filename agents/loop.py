@@ -145,11 +145,14 @@ class TeacherScalars(Callback):
 
 
 class Curve(Callback):
-    """(step, val_acc, test_acc) at every evaluation of the episode."""
+    """(step, selection accuracy, test accuracy) at every evaluation of the episode. The selection
+    accuracy is ``select_acc`` (the held-out split no method trains on) when the env has one, else
+    ``val_acc``."""
 
     def __init__(self) -> None:
         self.points: list[tuple[int, float, float]] = []
 
     def on_step(self, run: TeachingRun) -> None:
-        if "val_acc" in run.info:
-            self.points.append((run.info["step"], run.info["val_acc"], run.info["test_acc"]))
+        info = run.info
+        if "val_acc" in info:
+            self.points.append((info["step"], info.get("select_acc", info["val_acc"]), info["test_acc"]))

@@ -100,7 +100,8 @@ class TeachingEnv(gym.Env):
     ## info
     ``step``, ``epoch``, ``lr``, ``diverged``; ``indices`` and ``corrupted`` (which given labels of
     the observed batch are wrong: for diagnostics only, never part of the observation); after each
-    evaluation ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` and the running ``train_loss``,
+    evaluation ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc``, with ``select_fraction`` also
+    ``select_loss``, ``select_acc`` (the held-out selection split), and the running ``train_loss``,
     ``train_acc`` of the updates since the last one.
 
     ## Differentiable access (beyond the Gym API)
@@ -141,6 +142,7 @@ class TeachingEnv(gym.Env):
         dtype: str = "float32",
         train_pool: str = "noisy",
         finetune_fraction: float = 0.2,
+        select_fraction: float = 0.0,
     ):
         """
         :param dataset: one of ``students.data.DATASETS``.
@@ -160,6 +162,9 @@ class TeachingEnv(gym.Env):
             (the clean validation split alone), ``noisy+clean`` (both), or ``finetune`` (the noisy split,
             then the clean split for the last ``finetune_fraction`` of the horizon). The clean-data
             baselines use the last three; teachers use ``noisy``.
+        :param select_fraction: share of the clean validation split held out as a ``select`` split that
+            no teacher and no data pool ever uses; evaluations report ``select_acc`` on it, so that
+            benchmarks select checkpoints and tune on data no method trained on (0: none).
         """
         if horizon < 1 or eval_every < 1:
             raise ValueError(f"horizon and eval_every must be >= 1, got {horizon} and {eval_every}")
@@ -168,7 +173,10 @@ class TeachingEnv(gym.Env):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.device, self.dtype = resolve_device(device), getattr(torch, dtype)
-        self.data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download).to(self.dtype)
+        if not 0 <= select_fraction < 1:
+            raise ValueError(f"select_fraction must be in [0, 1), got {select_fraction}")
+        data = load_dataset(dataset, data_root, val_size, train_size, seed, self.device, download).to(self.dtype)
+        self.data = data.hold_out_for_selection(select_fraction, seed)
         noisy_labels, corrupted = corrupt_labels(self.data.train.y, self.data.num_classes, noise, noise_rate, seed)
         check_name("train_pool", train_pool, TRAIN_POOLS)
         if not 0 < finetune_fraction < 1:
@@ -187,7 +195,7 @@ class TeachingEnv(gym.Env):
             horizon=horizon, reward=reward, threshold=threshold, eval_every=eval_every, lr=lr, momentum=momentum,
             weight_decay=weight_decay, lr_schedule=lr_schedule, val_size=val_size, train_size=train_size,
             student_kwargs=self.student_kwargs, seed=seed, dtype=dtype, train_pool=train_pool,
-            finetune_fraction=finetune_fraction,
+            finetune_fraction=finetune_fraction, select_fraction=select_fraction,
         )  # fmt: skip
         self.batch_size, self.horizon, self.eval_every, self.seed = batch_size, horizon, eval_every, seed
         self.sgd = SGDConfig(lr, momentum, weight_decay, lr_schedule)
@@ -402,9 +410,11 @@ class TeachingEnv(gym.Env):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss/accuracy and test accuracy of the current student (eval mode)."""
+        """Loss and accuracy on the validation split (the one teachers learn from), on the held-out
+        ``select`` split when there is one, and on the test split (eval mode)."""
         out = {}
-        for split_name, split in (("val", self.data.val), ("test", self.data.test)):
+        splits = (("val", self.data.val), ("select", self.data.select), ("test", self.data.test))
+        for split_name, split in (s for s in splits if s[1] is not None):
             loss_sum, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
             for start in range(0, len(split), EVAL_CHUNK):
                 x, y = split.x[start : start + EVAL_CHUNK], split.y[start : start + EVAL_CHUNK]

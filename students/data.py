@@ -44,13 +44,16 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train / clean validation / test splits of one dataset, normalised, on one device."""
+    """Train / clean validation / test splits of one dataset, normalised, on one device; optionally
+    a clean ``select`` split held out of the validation data, which no method may train on (it only
+    selects checkpoints and tunes hyper-parameters)."""
 
     name: str
     train: Split
     val: Split
     test: Split
     num_classes: int
+    select: Split | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,8 +63,25 @@ class Dataset:
         """The same dataset with inputs of ``dtype`` (labels stay int64)."""
         if dtype == self.train.x.dtype:
             return self
-        cast = lambda s: Split(s.x.to(dtype), s.y)
-        return dataclasses.replace(self, train=cast(self.train), val=cast(self.val), test=cast(self.test))
+        cast = lambda s: Split(s.x.to(dtype), s.y) if s is not None else None
+        return dataclasses.replace(
+            self, train=cast(self.train), val=cast(self.val), test=cast(self.test), select=cast(self.select)
+        )
+
+    def hold_out_for_selection(self, fraction: float, seed: int) -> Dataset:
+        """The same dataset with ``fraction`` of the clean validation split moved to ``select``."""
+        if fraction == 0:
+            return self
+        n = len(self.val)
+        count = round(fraction * n)
+        if not 1 <= count < n:
+            raise ValueError(
+                f"select_fraction {fraction} of the {n} clean samples leaves {count} for selection and {n - count} for the "
+                "methods; both need at least one"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7)).to(self.val.y.device)
+        pick = lambda idx: Split(self.val.x[idx], self.val.y[idx])
+        return dataclasses.replace(self, val=pick(order[count:]), select=pick(order[:count]))
 
 
 def check_name(kind: str, name: str, valid: tuple[str, ...] | list[str]) -> None:

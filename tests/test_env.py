@@ -337,3 +337,19 @@ def test_which_labels_are_corrupted_never_reaches_the_observation():
         obs_b2 = env.step(np.linspace(0, 1, 16, dtype=np.float32))[0]
     for key in obs_a2:
         np.testing.assert_array_equal(obs_a2[key], obs_b2[key], err_msg=key)
+
+
+def test_a_held_out_selection_split_is_never_seen_by_teachers_or_data_pools():
+    env = make_tensor_env(val_size=200, select_fraction=0.5, train_pool="noisy+clean", horizon=20)
+    data, handle = env.unwrapped.data, env.unwrapped.handle
+    assert len(data.val) == 100 and len(data.select) == 100
+    rows = lambda split: {tuple(x.flatten().tolist()) for x in split.x}  # noqa: E731
+    assert not rows(data.val) & rows(data.select), "the two clean parts are disjoint"
+    assert len(handle.pool) == len(data.train) + len(data.val), "the clean pool is the teachers' part only"
+    assert int(handle.val_indices(1000).max()) < len(data.val) and len(handle.val_indices(1000)) == 100
+    env.reset(seed=0)
+    for _ in range(20):
+        *_, info = env.step(torch.ones(16))
+    assert {"select_acc", "select_loss", "val_acc", "test_acc"} <= set(info)
+    whole = make_tensor_env(val_size=200).unwrapped.data
+    assert rows(whole.val) == rows(data.val) | rows(data.select), "carved from the same clean split"
