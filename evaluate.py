@@ -67,7 +67,8 @@ class EvalConfig(EnvSetting, StudentTraining):
 
     agents: str = field(
         "uniform,clean_only,uniform_plus_clean,finetune,spl,l2rw,mwnet,meta_grad,oracle",
-        "comma-separated agents to run untrained (online learners learn as they teach)",
+        "comma-separated agents to run untrained (online learners learn as they teach); NAME@LABEL is a variant of "
+        "NAME with its own --agent-options entry, e.g. meta_grad@surface",
     )
     agent_options: dict | None = field(
         None, "options per agent as YAML, e.g. '{meta_grad: {teacher_lr: 0.001}, l2rw: {val_batch: 128}}'"
@@ -109,8 +110,8 @@ class EvalConfig(EnvSetting, StudentTraining):
         if not self.agent_names and not self.teacher_paths:
             raise ValueError("nothing to evaluate: --agents and --teachers are both empty")
         for agent in self.agent_names:
-            check_name("agent", agent, list(AGENTS))
-            if agent_class(agent).kind == "episodic":
+            check_name("agent", base_agent(agent), list(AGENTS))
+            if agent_class(base_agent(agent)).kind == "episodic":
                 raise ValueError(
                     f"agent {agent!r} learns over many episodes and cannot start untrained: train it with train_teacher.py and pass --teachers runs/..."
                 )
@@ -120,7 +121,7 @@ class EvalConfig(EnvSetting, StudentTraining):
         for agent, values in options.items():
             if agent not in self.agent_names:
                 raise ValueError(f"--agent-options names {agent!r}, which is not in --agents ({self.agents})")
-            make_agent(agent, **options_for(agent, values))  # refuses unknown options and bad values by name
+            make_agent(base_agent(agent), **options_for(base_agent(agent), values))  # refuses bad options by name
         for path in self.teacher_paths:
             if not Path(path).exists():
                 raise ValueError(f"--teachers: {path} does not exist (expected a runs/<name>/ folder or a teacher.pt)")
@@ -212,7 +213,13 @@ class Job:
 
     @property
     def agent_name(self) -> str:
-        return self.agent.split("@")[0]
+        return base_agent(self.agent)
+
+
+def base_agent(label: str) -> str:
+    """The registered agent of a label: ``meta_grad`` for ``meta_grad``, for the variant
+    ``meta_grad@surface`` (options from ``--agent-options``) and for a loaded ``meta_grad@run``."""
+    return label.split("@")[0]
 
 
 def env_for(job: Job) -> gym.Env:
@@ -240,7 +247,7 @@ def build_teacher(job: Job, env: Any, checkpoint: str | None = None) -> Teacher:
         teacher = load_teacher(checkpoint or job.teacher_path, env=env, device=env.unwrapped.device)
         return teacher.train(job.cfg.online and teacher.kind == "online")
     values = {**(job.cfg.agent_options or {}).get(job.agent, {}), **dict(job.options)}
-    teacher = make_agent(job.agent, **options_for(job.agent, values, seed=job.seed)).to(env.unwrapped.device)
+    teacher = make_agent(job.agent_name, **options_for(job.agent_name, values, seed=job.seed)).to(env.unwrapped.device)
     return teacher.train(teacher.kind == "online")
 
 
@@ -291,7 +298,7 @@ def tuning_candidates(cfg: EvalConfig, agent: str) -> list[tuple[float, tuple[tu
     """(student lr, agent options) pairs of the tuning grid that apply to ``agent``."""
     grid = cfg.tune_grid
     lrs = grid.get("lr", [cfg.lr])
-    has_teacher_lr = any(f.name == "teacher_lr" for f in dataclasses.fields(agent_class(agent).Options))
+    has_teacher_lr = any(f.name == "teacher_lr" for f in dataclasses.fields(agent_class(base_agent(agent)).Options))
     teacher_lrs = grid.get("teacher_lr") if has_teacher_lr else None
     if not teacher_lrs:
         return [(lr, ()) for lr in lrs]

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from reporting import CLEAN_BASELINES, atomic_write, fmt, fmt_paired  # noqa: E402
+from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
+from runconfig import setting_label  # noqa: E402
 
-SUITES = ("mnist1d", "digits", "mnist", "transfer")
+SUITES = ("mnist1d", "digits", "mnist", "transfer", "ablation")
 DATA_ROOT = ROOT.parent / "shared" / "data"
 HEADER = """# Results
 
@@ -102,10 +103,42 @@ def oracle_gap(summary: list[dict]) -> list[str]:
     return lines
 
 
+def ablation_table(out: Path) -> list[str]:
+    """Each variant of meta_grad against the default, paired by seed, per setting."""
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    by_setting: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        by_setting.setdefault(setting_label(r), {}).setdefault(r["agent"], []).append(r)
+    lines = [
+        "| setting | variant | final | Δ final vs meta_grad | @ best val | Δ @ best val vs meta_grad | AUROC | time x |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, agents in by_setting.items():
+        for agent, rows in agents.items():
+            if not agent.startswith("meta_grad"):
+                continue
+            default = agents["meta_grad"] if agent != "meta_grad" else None
+            lines.append(
+                f"| {setting} | {agent} | {fmt(summarise([r[FINAL] for r in rows]), 100, 1)} | "
+                f"{fmt_paired(paired(rows, default, FINAL)) if default else '-'} | "
+                f"{fmt(summarise([r[HEADLINE] for r in rows]), 100, 1)} | "
+                f"{fmt_paired(paired(rows, default)) if default else '-'} | {fmt(summarise([r['auroc'] for r in rows]), 1, 3)} | "
+                f"{fmt(summarise([r['time_ratio_to_uniform'] for r in rows]), 1, 2)} |"
+            )
+    return lines
+
+
 def section(name: str, out: Path | None) -> list[str]:
     """The suite's tables (from its report.md) and the generated reading."""
     if out is None:
         return [f"## {name}", "", f"Skipped: its data is not under {DATA_ROOT} on this machine.", ""]
+    if name == "ablation":
+        return [
+            "## Suite `ablation`: what meta_grad's parts are worth", "",
+            f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md). Identical hyper-parameters for every "
+            "variant (student lr 0.1, default teacher options); differences paired by seed against the default.", "",
+            *ablation_table(out), "",
+        ]  # fmt: skip
     report = (out / "report.md").read_text()
     tables = report.split("## ", 2)[2] if report.count("## ") >= 2 else report  # drop the title and the settings list
     summary = json.loads((out / "results.json").read_text())["summary"]
@@ -131,10 +164,11 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=SUITES, default=None, help="run one suite (docs/results.md is rewritten from all present)"
     )
+    parser.add_argument("--write-only", action="store_true", help="run nothing; rewrite docs/results.md from the results present")
     args = parser.parse_args()
     outputs = {}
     for name in SUITES:
-        if args.only in (None, name):
+        if args.only in (None, name) and not args.write_only:
             outputs[name] = run_suite(name)
         else:
             done = ROOT / "docs" / "results" / name

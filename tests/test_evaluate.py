@@ -252,3 +252,11 @@ def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
     assert all(not r["online"] for r in held_out), "evaluated frozen"
     assert "## Transfer pairs" in (tmp_path / "report" / "report.md").read_text()
     assert len(list((tmp_path / "report" / "pretrained").iterdir())) == 2
+
+
+def test_variants_of_one_agent_run_side_by_side_with_their_own_options(tmp_path):
+    rows = _evaluate(tmp_path, "--agents", "uniform,spl,spl@late", "--agent-options", "{spl@late: {start_fraction: 0.9}}",
+                     "--seeds", "1")  # fmt: skip
+    by_agent = {r["agent"]: r for r in rows}
+    assert set(by_agent) == {"uniform", "spl", "spl@late"}
+    assert by_agent["spl@late"]["weight_clean"] > by_agent["spl"]["weight_clean"], "the variant kept more of each batch"
