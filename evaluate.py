@@ -56,7 +56,7 @@ from runconfig import (
     yaml_value,
 )
 from students.data import DatasetNotFoundError, check_name
-from sweeps import BACKENDS, Sweep, checkpoint_file
+from sweeps import BACKENDS, Sweep, checkpoint_file, read_finished
 
 TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
@@ -126,9 +126,11 @@ class EvalConfig(EnvSetting, StudentTraining):
             if not Path(path).exists():
                 raise ValueError(f"--teachers: {path} does not exist (expected a runs/<name>/ folder or a teacher.pt)")
         try:
-            _ = self.threshold_values
+            values = self.threshold_values
         except ValueError as e:
             raise ValueError(f"--thresholds must be comma-separated numbers, got {self.thresholds!r}") from e
+        for value in values:
+            coerce("--thresholds", value, float, {"low": 0, "high": 1})
         _ = self.tune_grid
         _ = self.settings
         if self.leave_one_out is not None:
@@ -187,6 +189,7 @@ class Job:
     lr: float  # the student's learning rate (tuned per agent and setting)
     options: tuple[tuple[str, Any], ...] = ()  # the agent's options beyond --agent-options (tuned)
     stage: str = "report"  # or "tune"
+    teacher_digest: str | None = None  # content hash of a loaded teacher (computed where the file is)
 
     @property
     def key(self) -> str:
@@ -196,8 +199,8 @@ class Job:
         training = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining) if f.name != "lr"}
         context = {
             **training, "steps": cfg.steps, "thresholds": cfg.thresholds, "device": cfg.device, "threads": cfg.threads,
-            "data_root": cfg.data_root, "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent_name),
-            "teacher": self.teacher_path and checkpoint_digest(self.teacher_path),
+            "data_root": cfg.data_root, "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent),
+            "teacher": self.teacher_digest, "select_fraction": cfg.select_fraction,
         }  # fmt: skip
         fields = [self.stage, self.setting, self.agent, self.seed, self.lr, dict(self.options), context]
         return json.dumps(fields, sort_keys=True, default=str)
@@ -351,12 +354,23 @@ def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str,
             for agent in cfg.agent_names:
                 lr, options = chosen.get((key, agent), (cfg.lr, ()))
                 jobs.append(Job(setting, agent, None, seed, cfg, lr, options))
-            for path in cfg.teacher_paths:
-                label = f"{read_checkpoint(path)['agent']}@{Path(path).name if Path(path).is_dir() else Path(path).parent.name}"
-                jobs.append(Job(setting, label, path, seed, cfg, cfg.lr))
+            for path, label in teacher_labels(cfg.teacher_paths).items():
+                jobs.append(Job(setting, label, path, seed, cfg, cfg.lr, teacher_digest=checkpoint_digest(path)))
             if held_out and key in held_out:
-                jobs.append(Job(setting, f"{cfg.leave_one_out}@held-out", held_out[key], seed, cfg, cfg.lr))
+                path = held_out[key]
+                jobs.append(
+                    Job(setting, f"{cfg.leave_one_out}@held-out", path, seed, cfg, cfg.lr, teacher_digest=checkpoint_digest(path))
+                )
     return jobs
+
+
+def teacher_labels(paths: list[str]) -> dict[str, str]:
+    """``agent@run`` for each loaded teacher, numbered where two runs share a folder name."""
+    names = [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in paths]
+    return {
+        path: f"{read_checkpoint(path)['agent']}@{name}" + (f"-{i + 1}" if names.count(name) > 1 else "")
+        for i, (path, name) in enumerate(zip(paths, names))
+    }
 
 
 def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
@@ -367,17 +381,28 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
 
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
     flags = [arg for name, value in student.items() if value is not None for arg in (f"--{name.replace('_', '-')}", str(value))]
+    for option, value in ((cfg.agent_options or {}).get(cfg.leave_one_out) or {}).items():
+        flag = option.replace("_", "-")
+        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", json.dumps(value)]
+    flags += ["--data-root", cfg.data_root] if cfg.data_root else []
+    flags += ["--download"] if cfg.download else []
     paths = {}
     for i, setting in enumerate(cfg.settings):
-        run = out / "pretrained" / f"{i}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         others = [s for s in cfg.settings if s != setting]
+        argv = [
+            "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
+            "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed), "--device", cfg.device, "--threads", str(cfg.threads),
+            "--no-progress", *flags,
+        ]  # fmt: skip
+        digest = hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]  # another pre-training never reuses this one
+        run = (
+            out
+            / "pretrained"
+            / f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}-{digest}"
+        )
         if not (run / "summary.json").exists():
             shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
-            train_teacher.main([
-                "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
-                "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed), "--device", cfg.device, "--threads", str(cfg.threads),
-                "--out", str(run), "--no-progress", *flags, *(["--data-root", cfg.data_root] if cfg.data_root else []),
-            ])  # fmt: skip
+            train_teacher.main([*argv, "--out", str(run)])
         paths[json.dumps(setting, sort_keys=True)] = str(run)
     return paths
 
@@ -414,11 +439,7 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
 
 def failed_jobs(out: Path, missing: list[Job]) -> list[dict[str, str]]:
     """The latest recorded error of every job that did not finish (``errors.jsonl``)."""
-    errors = {}
-    if (out / "errors.jsonl").exists():
-        for line in (out / "errors.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            errors[record["key"]] = record
+    errors = read_finished(out / "errors.jsonl")
     return [{"job": job.label, "error": errors.get(job.key, {}).get("error", "did not finish")} for job in missing]
 
 
@@ -445,6 +466,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         sys.exit(2)
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return benchmark(cfg, sweep, out, tuning)
+    except KeyboardInterrupt:
+        done = len(read_finished(out / "runs.jsonl"))
+        print(f"evaluate.py: interrupted; {done} finished runs are kept; resume with --resume --out {out}", file=sys.stderr)
+        sys.exit(130)
+
+
+def benchmark(cfg: EvalConfig, sweep: Sweep, out: Path, tuning: list[Job]) -> list[dict[str, Any]]:
+    """Tune, pre-train held-out teachers, run the reported jobs and write every output."""
     chosen, choices, held_out = {}, [], None
     if tuning:
         finished = sweep.run(tuning, run_job, out, "tuning", cfg.progress)

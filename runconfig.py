@@ -178,7 +178,9 @@ def settings_grid(base: EnvSetting, grid: dict | list | None) -> list[dict[str, 
     meta = {f.name: f.metadata for f in dataclasses.fields(EnvSetting)}
     for setting in settings:
         for key in GRID_KEYS:
-            coerce(f"grid {key}", setting[key], float if key == "noise_rate" else str, meta[key])
+            setting[key] = coerce(f"grid {key}", setting[key], float if key == "noise_rate" else str, meta[key])
+        if setting["student_kwargs"] is not None and not isinstance(setting["student_kwargs"], dict):
+            raise ValueError(f"grid student_kwargs must map student -> {{argument: value}}, got {setting['student_kwargs']!r}")
     return settings
 
 
@@ -215,7 +217,7 @@ def _flag_parser(tp: Any, meta: dict[str, Any]) -> Any:
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass ``cls`` (all defaulting to None,
     so that flags given explicitly can override a ``--config`` file)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file presetting any of the fields below; flags win")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -238,11 +240,7 @@ def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
     value goes through ``check_fields`` and the class's ``validate``. Bad values and unknown YAML
     keys exit through ``parser.error`` (code 2, one line, no traceback)."""
     parser = build_parser(cls, description)
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config is not None:
-        values = read_yaml_config(parser, args.config, cls)
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    values = explicit_values(parser, cls, argv)
     try:
         config = check_fields(cls(**values), as_flags=True)
         if hasattr(config, "validate"):
@@ -250,6 +248,17 @@ def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     return config
+
+
+def explicit_values(parser: argparse.ArgumentParser, cls: type, argv: list[str] | None) -> dict[str, Any]:
+    """The values a command line sets: its ``--config`` YAML, overridden by its explicit flags
+    (defaults left out)."""
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        values = read_yaml_config(parser, args.config, cls)
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return values
 
 
 def read_yaml_config(parser: argparse.ArgumentParser, path: Path, cls: type) -> dict[str, Any]:

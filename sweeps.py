@@ -18,6 +18,8 @@ import socket
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,11 @@ def read_finished(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as one line, flushed to disk before the next job's result."""
+    """Append one record as one line, flushed to disk before the next job's result (after a line
+    that a crash cut short, on a line of its own)."""
+    cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(("\n" if cut else "") + json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -135,9 +139,18 @@ class Sweep:
             yield from self._ray_results(todo, run)
         elif self.workers == 1 or len(todo) <= 1:
             yield from (guarded(run, job) for job in todo)
-        else:
-            with multiprocessing.get_context("forkserver").Pool(self.workers) as pool:
-                yield from pool.imap_unordered(_guarded_job, [(run, job) for job in todo])
+        else:  # a worker that dies (killed, out of memory) fails its job instead of hanging the sweep
+            pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            try:
+                futures = {pool.submit(guarded, run, job): job for job in todo}
+                for future in as_completed(futures):
+                    job = futures[future]
+                    try:
+                        yield future.result()
+                    except BrokenProcessPool as e:
+                        yield {"key": job.key, "error": f"worker process died: {e}", "job": job.label, "trace": ""}
+            finally:  # on Ctrl-C, queued jobs are dropped at once
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _ray_results(self, todo: list[Any], run: Callable[..., dict[str, Any]]) -> Iterator[dict[str, Any]]:
         ray = self._ray
@@ -155,11 +168,6 @@ class Sweep:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-
-
-def _guarded_job(pair: tuple[Callable[..., dict[str, Any]], Any]) -> dict[str, Any]:
-    run, job = pair
-    return guarded(run, job)
 
 
 def run_with_checkpoint(run: Callable[..., dict[str, Any]], job: Any, checkpoint: bytes | None) -> dict[str, Any]:
@@ -180,9 +188,10 @@ def checkpoint_file(path: str) -> Path:
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:
     """Fail fast, with one message, when nothing listens at a ``host:port`` Ray address."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").partition(":")
     try:
-        with socket.create_connection((host or address, int(port or 6379)), timeout=timeout):
+        with socket.create_connection((host, int(port or (10001 if client else 6379))), timeout=timeout):
             return
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot reach the Ray cluster at {address!r} ({e}); start it with `ray start --head`") from None

@@ -34,7 +34,9 @@ from reporting import curve_summary
 from runconfig import (
     EnvSetting,
     StudentTraining,
+    build_parser,
     check_fields,
+    explicit_values,
     field,
     parse_config,
     setting_label,
@@ -45,7 +47,7 @@ from runconfig import (
 from students.data import DatasetNotFoundError, load_dataset
 
 RL_DEFAULT_HORIZON = 200
-RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "progress", "threads", "checkpoint_every", "out", "config")
+RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "progress", "threads", "checkpoint_every", "out")
 
 
 @dataclasses.dataclass
@@ -186,6 +188,7 @@ class Checkpoints(Callback):
     def __init__(self, path: Path, every: int, last: int, seed: int, settings: list[dict[str, Any]]):
         self.path, self.every, self.last, self.seed = path, every, last, seed
         self.settings = [setting_label(s) for s in settings]
+        self.saved = 0  # the step of the last checkpoint written
 
     def on_step(self, run: TeachingRun) -> None:
         if run.step % self.every == 0 or run.step == self.last:
@@ -195,6 +198,7 @@ class Checkpoints(Callback):
             if not run.done:
                 extra["env_state"] = run.env.unwrapped.state_dict()
             run.teacher.save(self.path, run.env, extra=extra)
+            self.saved = run.step
 
 
 class ProgressBar(Callback):
@@ -233,6 +237,7 @@ def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, s
         cfg.steps, step, f"{cfg.agent} on {len(envs)} setting(s)" if cfg.grid else f"{cfg.agent} on {cfg.dataset}", cfg.progress
     )
     checkpoints = Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps, cfg.seed, cfg.settings)
+    checkpoints.saved = step
     started, run = time.perf_counter(), None
     try:
         while step < cfg.steps:
@@ -245,7 +250,7 @@ def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, s
             teach(run, cfg.steps - step, [log, checkpoints, bar])  # to the end of this episode at most
             step, episode = run.step, run.episode + 1
     except KeyboardInterrupt:
-        raise Interrupted(run.step if run is not None else step) from None
+        raise Interrupted(run.step if run is not None else step, checkpoints.saved) from None
     finally:
         bar.bar.close()
         log.writer.close()
@@ -281,7 +286,7 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
         teacher.train_episodes(make_env, cfg.steps, done_steps, cfg.n_envs, report, log_dir=str(run_dir))
     except KeyboardInterrupt:
         bar.close()
-        raise Interrupted(last_saved[0]) from None
+        raise Interrupted(bar.n, last_saved[0]) from None
     extra = {"step": cfg.steps, "episode": 0, "seeds_used": teacher.seeds_met(cfg.seed, cfg.n_envs)}
     teacher.save(run_dir / "teacher.pt", probe, extra=extra)
     bar.close()
@@ -328,10 +333,10 @@ def run_summary(run_dir: Path, seconds: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ main
 class Interrupted(Exception):
-    """Ctrl-C during training; the last checkpoint is intact."""
+    """Ctrl-C during training; the last checkpoint (at ``checkpoint`` updates) is intact."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, checkpoint: int):
+        self.step, self.checkpoint = step, checkpoint
 
 
 def fail(message: str) -> None:
@@ -361,15 +366,14 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
         fail(f"--resume cannot read {config_file}: {e}")
     if saved["agent"] != cfg.agent and ("--agent" in argv or saved["agent"] != stored.get("agent")):
         fail(f"{checkpoint_file} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
-    given = {a.split("=")[0][2:].replace("-", "_").removeprefix("no_") for a in argv if a.startswith("--")}
-    changed = sorted(
-        name for name in given - set(RESUME_MAY_CHANGE) if name in stored and stored[name] != getattr(cfg, name, None)
-    )
+    given = explicit_values(build_parser(type(cfg), ""), type(cfg), argv)  # flags and --config, not defaults
+    changed = sorted(name for name in set(given) - set(RESUME_MAY_CHANGE) if stored.get(name) != getattr(cfg, name, None))
     if changed:
-        flags = ", ".join(f"--{n.replace('_', '-')} ({stored[n]!r} -> {getattr(cfg, n)!r})" for n in changed)
+        flags = ", ".join(f"--{n.replace('_', '-')} ({stored.get(n)!r} -> {getattr(cfg, n)!r})" for n in changed)
         fail(f"--resume continues the run as it was configured; these flags would change it: {flags}")
+    kept = {name: getattr(cfg, name) for name in RESUME_MAY_CHANGE if name in given}  # e.g. --steps to extend the run
     try:
-        merged = check_fields(type(cfg)(**{**stored, **{k: getattr(cfg, k) for k in RESUME_MAY_CHANGE if k != "config"}}))
+        merged = check_fields(type(cfg)(**{**stored, **kept, "resume": True}))
     except (TypeError, ValueError) as e:
         fail(f"{config_file} does not describe a run of this version: {e}")
     merged.out = str(run_dir)
@@ -409,7 +413,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (ValueError, DatasetNotFoundError, CheckpointError) as e:
         fail(str(e))
     except Interrupted as e:
-        print(f"train_teacher.py: interrupted at step {e.step}; resume with --resume --out {run_dir}", file=sys.stderr)
+        print(
+            f"train_teacher.py: interrupted at step {e.step} (last checkpoint: step {e.checkpoint}); "
+            f"resume with --resume --out {run_dir}",
+            file=sys.stderr,
+        )
         sys.exit(130)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(

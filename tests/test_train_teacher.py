@@ -60,9 +60,14 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
         _run(tmp_path, "--agent", "meta_grad", name="cut")
     monkeypatch.setattr(TeachingEnv, "step", real_step)
     assert interrupted.value.code == 130
-    assert "interrupted at step 45; resume with --resume" in capsys.readouterr().err
+    assert "interrupted at step 45 (last checkpoint: step 40); resume with --resume" in capsys.readouterr().err
     assert [r["step"] for r in _metrics(tmp_path / "cut")] == [20, 40]
-    resumed = _run(tmp_path, "--agent", "meta_grad", "--resume", name="cut")
+    config = tmp_path / "other.yaml"
+    config.write_text("noise: pairflip\n")
+    with pytest.raises(SystemExit):  # a setting changed through --config is refused too
+        train_teacher.main(["--out", str(tmp_path / "cut"), "--resume", "--config", str(config)])
+    assert "would change it: --noise ('symmetric' -> 'pairflip')" in capsys.readouterr().err
+    resumed = train_teacher.main(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"])  # the run's own --steps 60
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")  # no lost or duplicated steps, same values
     assert resumed["final_test_acc"] == reference["final_test_acc"]
     a, b = (torch.load(tmp_path / n / "teacher.pt", weights_only=True)["state"]["net"] for n in ("whole", "cut"))
