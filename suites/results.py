@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -24,7 +26,10 @@ import evaluate  # noqa: E402
 from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
 from runconfig import setting_label  # noqa: E402
 
-SUITES = ("mnist1d", "digits", "mnist", "transfer", "ablation")
+SUITES = ("mnist1d", "digits", "mnist", "transfer", "ablation", "rl")
+RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
+RL_SETTING = ["--dataset", "digits", "--noise", "pairflip", "--noise-rate", "0.4", "--val-size", "200", "--batch-size", "64",
+              "--eval-every", "100"]  # fmt: skip
 DATA_ROOT = ROOT.parent / "shared" / "data"
 HEADER = """# Results
 
@@ -48,9 +53,54 @@ clean-data baseline on final accuracy, that baseline chosen by its mean final te
 """
 
 
+def run_rl_suite(out: Path) -> None:
+    """The RL teachers, fairly: each trained for ``RL_BUDGET`` student updates (episodes of 1,500, the
+    evaluation horizon; seed 10000) on digits / pair-flip 40%, its learning curve plotted, then
+    evaluated frozen on the reported seeds beside uniform and an online meta_grad."""
+    import train_teacher
+
+    for agent in RL_AGENTS:
+        run = out / "teachers" / agent
+        if not (run / "summary.json").exists():
+            train_teacher.main([
+                "--agent", agent, *RL_SETTING, "--steps", str(RL_BUDGET), "--horizon", str(RL_HORIZON), "--reward", "accuracy",
+                "--seed", "10000", "--n-envs", "2", "--out", str(run), "--no-progress", *(["--resume"] if run.exists() else []),
+            ])  # fmt: skip
+    plot_rl_curves(out)
+    teachers = ",".join(str(out / "teachers" / agent) for agent in RL_AGENTS)
+    evaluate.main(["--agents", "uniform,meta_grad,oracle", "--teachers", teachers, *RL_SETTING, "--steps", str(RL_HORIZON), "--seeds", "5",
+                   "--device", "cpu", "--workers", "2", "--out", str(out), "--resume", "--no-progress"])  # fmt: skip
+
+
+def plot_rl_curves(out: Path) -> None:
+    """learning_curves.png: each RL teacher's episode return (final validation accuracy) over its training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for agent in RL_AGENTS:
+        records = [json.loads(line) for line in (out / "teachers" / agent / "metrics.jsonl").read_text().splitlines()]
+        points = [(r["step"], r["teacher/return"]) for r in records if "teacher/return" in r]
+        steps, returns = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        ax.scatter(steps, returns, s=8, alpha=0.4)
+        window = max(1, len(returns) // 10)  # a running mean over a tenth of the episodes
+        smooth = np.convolve(returns, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, label=f"{agent} (running mean of {window})")
+    ax.set(xlabel="student updates of training", ylabel="episode return (final validation accuracy)", title="RL teachers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    plt.close(fig)
+
+
 def run_suite(name: str) -> Path | None:
     """Run (or resume) one suite; None when its data is not on this machine."""
     out = ROOT / "docs" / "results" / name
+    if name == "rl":
+        run_rl_suite(out)
+        return out
     argv = ["--suite", str(ROOT / "suites" / "results" / f"{name}.yaml"), "--out", str(out), "--resume", "--no-progress"]
     if name == "mnist":
         if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
@@ -132,6 +182,13 @@ def section(name: str, out: Path | None) -> list[str]:
     """The suite's tables (from its report.md) and the generated reading."""
     if out is None:
         return [f"## {name}", "", f"Skipped: its data is not under {DATA_ROOT} on this machine.", ""]
+    if name == "rl":
+        summary = json.loads((out / "results.json").read_text())["summary"]
+        lines = [f"## Suite `rl`: RL teachers trained for {RL_BUDGET:,} student updates each", "",
+                 "Report: [`docs/results/rl/report.md`](results/rl/report.md); learning curves: "
+                 "![RL learning curves](results/rl/learning_curves.png)", ""]  # fmt: skip
+        tables = (out / "report.md").read_text().split("## ", 2)[2]
+        return [*lines, "### " + tables, "### What the numbers say", "", *reading(summary), ""]
     if name == "ablation":
         return [
             "## Suite `ablation`: what meta_grad's parts are worth", "",
