@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             file=sys.stderr,
         )
         sys.exit(130)
+    except KeyboardInterrupt:  # outside the training loop: while building, or in an RL run's final summary
+        saved = (run_dir / "teacher.pt").exists()
+        where = f"the last checkpoint is kept; resume with --resume --out {run_dir}" if saved else "nothing was trained"
+        print(f"train_teacher.py: interrupted; {where}", file=sys.stderr)
+        sys.exit(130)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"done in {summary['seconds']:.0f}s: student test accuracy {summary['final_test_acc']:.4f} "
