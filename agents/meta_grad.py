@@ -98,7 +98,7 @@ class MetaGradOptions:
     context: bool = field(True, "each sample's hidden row also sees the batch mean of the hidden rows")
     unroll: int = field(1, "real student updates B the meta-gradient goes through", low=1)
     teacher_lr: float = field(3e-3, "teacher learning rate (Adam)", above=0.0)
-    meta_weight_decay: float = field(1e-4, "teacher weight decay (Adam)", low=0.0)
+    meta_weight_decay: float = field(1e-4, "teacher weight decay (decoupled, AdamW)", low=0.0)
     val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
     method: str = field("auto", "meta-gradient path: auto (jvp for B = 1, else graph), jvp, graph, replay", choices=list(METHODS))
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
@@ -126,7 +126,10 @@ class MetaGradTeacher(Teacher):
             self.net = WeightNet(
                 input_size(self.hp.features), self.hp.hidden, self.hp.layers, self.hp.context, self.hp.init_weight
             )
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=self.hp.teacher_lr, weight_decay=self.hp.meta_weight_decay)
+        # decoupled weight decay: meta-gradients are tiny (they carry lr / sum(w) factors), so an L2 term
+        # inside Adam's normalisation would outweigh them and shrink the teacher to its initial
+        # constant weights (measured: a pre-trained teacher collapsed to all-0.9 weights)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.hp.teacher_lr, weight_decay=self.hp.meta_weight_decay)
         self.device = torch.device("cpu")
         self._window: deque[tuple[Transition, torch.Tensor]] = deque()
         self._pending: torch.Tensor | None = None
