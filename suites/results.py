@@ -119,8 +119,9 @@ def reading(summary: list[dict]) -> list[str]:
         where = f"{line['dataset']}/{line['noise']} {line['noise_rate']}"
         verdicts = []
         for key, against in (
-            ("vs_uniform", "uniform"),
-            ("vs_best_clean", f"the best clean-data baseline ({line['best_clean']})"),
+            ("vs_uniform_final", "uniform on final accuracy"),
+            ("vs_best_clean", f"the best clean-data baseline ({line['best_clean']}) on final accuracy"),
+            ("vs_uniform", "uniform at the best held-out accuracy"),
         ):
             stat = line.get(key)
             if not stat or stat["n"] < 2:
@@ -134,7 +135,7 @@ def reading(summary: list[dict]) -> list[str]:
 
 
 def oracle_gap(summary: list[dict]) -> list[str]:
-    """Per setting: how much of the uniform-to-oracle gap each teacher closes."""
+    """Per setting and metric: how much of the uniform-to-oracle gap each method closes."""
     lines = []
     by_setting: dict[tuple, dict[str, dict]] = {}
     for line in summary:
@@ -142,14 +143,17 @@ def oracle_gap(summary: list[dict]) -> list[str]:
     for (dataset, noise, rate), agents in by_setting.items():
         if "uniform" not in agents or "oracle" not in agents:
             continue
-        low, high = agents["uniform"]["selected_test_acc"]["mean"], agents["oracle"]["selected_test_acc"]["mean"]
-        parts = []
-        for agent, line in agents.items():
-            if agent not in ("uniform", "oracle") and high > low:
-                parts.append(f"{agent} {100 * (line['selected_test_acc']['mean'] - low) / (high - low):+.0f}%")
-        lines.append(
-            f"- {dataset}/{noise} {rate}: uniform {100 * low:.1f}, oracle {100 * high:.1f}; gap closed: " + ", ".join(parts)
-        )
+        for metric, name in ((FINAL, "final"), (HEADLINE, "at best held-out accuracy")):
+            low, high = agents["uniform"][metric]["mean"], agents["oracle"][metric]["mean"]
+            parts = [
+                f"{agent} {100 * (line[metric]['mean'] - low) / (high - low):+.0f}%"
+                for agent, line in agents.items()
+                if agent not in ("uniform", "oracle") and high > low
+            ]
+            lines.append(
+                f"- {dataset}/{noise} {rate}, {name}: uniform {100 * low:.1f}, oracle {100 * high:.1f}; gap closed: "
+                + ", ".join(parts)
+            )
     return lines
 
 
@@ -187,7 +191,7 @@ def section(name: str, out: Path | None) -> list[str]:
         lines = [f"## Suite `rl`: RL teachers trained for {RL_BUDGET:,} student updates each", "",
                  "Report: [`docs/results/rl/report.md`](results/rl/report.md); learning curves: "
                  "![RL learning curves](results/rl/learning_curves.png)", ""]  # fmt: skip
-        tables = (out / "report.md").read_text().split("## ", 2)[2]
+        tables = (out / "report.md").read_text().split("## ", 2)[2].replace("\n## ", "\n### ")
         return [*lines, "### " + tables, "### What the numbers say", "", *reading(summary), ""]
     if name == "ablation":
         return [
@@ -198,6 +202,7 @@ def section(name: str, out: Path | None) -> list[str]:
         ]  # fmt: skip
     report = (out / "report.md").read_text()
     tables = report.split("## ", 2)[2] if report.count("## ") >= 2 else report  # drop the title and the settings list
+    tables = tables.replace("\n## ", "\n### ")  # the report's sections sit one level down here
     summary = json.loads((out / "results.json").read_text())["summary"]
     lines = [
         f"## Suite `{name}`",
