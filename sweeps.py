@@ -89,10 +89,10 @@ class Sweep:
         except ImportError:
             raise BackendError("--backend ray needs Ray: pip install -e '.[ray]' (or pip install 'ray>=2.9')") from None
         self._ray = ray
+        address = self.ray_address
+        if address and address != "auto":
+            check_reachable(address)  # also when this process already runs a Ray: an explicit address must work
         if not ray.is_initialized():
-            address = self.ray_address
-            if address and address != "auto":
-                check_reachable(address)
             try:
                 if address:
                     ray.init(address=address, log_to_driver=False)

@@ -229,8 +229,9 @@ def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, m
         return real_run_job(job)
 
     monkeypatch.setattr(evaluate, "run_job", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as interrupted:  # Ctrl-C: one line, exit 130, finished runs kept
         _evaluate(tmp_path, *argv, name="cut")
+    assert interrupted.value.code == 130
     assert len((tmp_path / "cut" / "runs.jsonl").read_text().splitlines()) == 2
     with pytest.raises(SystemExit):  # an existing benchmark is not overwritten
         _evaluate(tmp_path, *argv, name="cut")
