@@ -261,3 +261,9 @@ def test_variants_of_one_agent_run_side_by_side_with_their_own_options(tmp_path)
     by_agent = {r["agent"]: r for r in rows}
     assert set(by_agent) == {"uniform", "spl", "spl@late"}
     assert by_agent["spl@late"]["weight_clean"] > by_agent["spl"]["weight_clean"], "the variant kept more of each batch"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_on_a_machine_without_a_gpu_is_refused_before_anything_runs(capsys, tmp_path):
+    err = _exit_2(capsys, tmp_path, "--agents", "uniform", "--device", "cuda")
+    assert "torch.cuda.is_available() is False" in err and not (tmp_path / "report").exists()
