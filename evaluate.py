@@ -347,6 +347,8 @@ def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, 
 def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str, str] | None = None) -> list[Job]:
     """Every reported (setting, seed, agent or loaded teacher) job, at the tuned values where tuned;
     ``held_out`` maps a setting (JSON) to the teacher pre-trained without it."""
+    labels = teacher_labels(cfg.teacher_paths)  # each checkpoint is read and hashed once, not once per job
+    digests = {path: checkpoint_digest(path) for path in [*labels, *(held_out or {}).values()]}
     jobs = []
     for setting in cfg.settings:
         key = json.dumps(setting, sort_keys=True)
@@ -354,13 +356,11 @@ def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str,
             for agent in cfg.agent_names:
                 lr, options = chosen.get((key, agent), (cfg.lr, ()))
                 jobs.append(Job(setting, agent, None, seed, cfg, lr, options))
-            for path, label in teacher_labels(cfg.teacher_paths).items():
-                jobs.append(Job(setting, label, path, seed, cfg, cfg.lr, teacher_digest=checkpoint_digest(path)))
+            for path, label in labels.items():
+                jobs.append(Job(setting, label, path, seed, cfg, cfg.lr, teacher_digest=digests[path]))
             if held_out and key in held_out:
                 path = held_out[key]
-                jobs.append(
-                    Job(setting, f"{cfg.leave_one_out}@held-out", path, seed, cfg, cfg.lr, teacher_digest=checkpoint_digest(path))
-                )
+                jobs.append(Job(setting, f"{cfg.leave_one_out}@held-out", path, seed, cfg, cfg.lr, teacher_digest=digests[path]))
     return jobs
 
 

@@ -185,10 +185,10 @@ class Checkpoints(Callback):
     ``every`` steps and at ``last``. It records the seeds the teacher met (data split and noise of
     ``seed``, students reset with ``seed + episode``) so that evaluation can refuse them."""
 
-    def __init__(self, path: Path, every: int, last: int, seed: int, settings: list[dict[str, Any]]):
+    def __init__(self, path: Path, every: int, last: int, seed: int, settings: list[dict[str, Any]], saved: int):
         self.path, self.every, self.last, self.seed = path, every, last, seed
         self.settings = [setting_label(s) for s in settings]
-        self.saved = 0  # the step of the last checkpoint written
+        self.saved = saved  # the step of the last checkpoint written (a resumed run's starting step)
 
     def on_step(self, run: TeachingRun) -> None:
         if run.step % self.every == 0 or run.step == self.last:
@@ -236,8 +236,7 @@ def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, s
     bar = ProgressBar(
         cfg.steps, step, f"{cfg.agent} on {len(envs)} setting(s)" if cfg.grid else f"{cfg.agent} on {cfg.dataset}", cfg.progress
     )
-    checkpoints = Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps, cfg.seed, cfg.settings)
-    checkpoints.saved = step
+    checkpoints = Checkpoints(run_dir / "teacher.pt", checkpoint_interval(cfg), cfg.steps, cfg.seed, cfg.settings, step)
     started, run = time.perf_counter(), None
     try:
         while step < cfg.steps:

@@ -39,16 +39,11 @@ class TeachingRun:
 
 
 class Callback:
-    """Hooks into ``teach``; ``on_step`` may return False to stop the loop."""
-
-    def on_start(self, run: TeachingRun) -> None:
-        """Before the first step of this call to ``teach``."""
+    """Hooks into ``teach``; ``on_step`` may return False to stop the loop. (The callers own what
+    outlives one call of ``teach``, such as a log file or a progress bar, and close it themselves.)"""
 
     def on_step(self, run: TeachingRun) -> bool | None:
         """After every step (before the env is reset when the episode ended)."""
-
-    def on_end(self, run: TeachingRun) -> None:
-        """After the last step of this call to ``teach``."""
 
 
 def start(env: Any, teacher: Teacher, seed: int) -> TeachingRun:
@@ -69,8 +64,6 @@ def teach(
     ``reset(seed=episode_seed(episode))``; without ``episode_seed`` the loop stops at the end of
     the episode instead."""
     env, teacher = run.env, run.teacher
-    for callback in callbacks:
-        callback.on_start(run)
     for _ in range(steps):
         tick = time.perf_counter()
         weights = teacher.act(run.obs)
@@ -89,8 +82,6 @@ def teach(
             run.obs, run.next_info = env.reset(seed=episode_seed(run.episode))
         if not all(keep_going):
             break
-    for callback in callbacks:
-        callback.on_end(run)
     return run
 
 
