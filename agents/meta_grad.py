@@ -15,6 +15,14 @@ along grad L_val(theta'). B > 1 (method ``graph``) hands the env weights that ca
 the real updates are built differentiably (``create_graph``) and the validation loss back-propagates
 through them directly; ``replay`` instead recomputes the B updates from their recorded starting
 points (the straightforward reference both fast paths are tested against).
+
+``meta_layers`` restricts the meta-gradient to the student's last layers (as FaMUS, Xu et al. 2021):
+the teacher then gets the exact gradient of L_val through an update in which only those layers
+depend on the weights, the other layers' update counting as fixed. ``head`` (the output layer) is
+the cheap case: its per-sample gradients are e_i [h_i, 1] (e_i = softmax - one-hot, h_i the head's
+input), so the alignments come in closed form from the logits and hidden states the real forward
+already computed, plus one validation forward (``head_alignment``): B = 1 costs little more than
+the real step.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import nn
+from torch.nn import functional as F
 
 from agents.base import Teacher, as_tensor_obs
 from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
 from runconfig import field
-from students.functional import WEIGHT_SUM_EPS, Params, sgd_update
+from students.functional import WEIGHT_SUM_EPS, Params, parameter_layers, sgd_update
 from students.handle import StudentHandle, Transition
 
 # PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
@@ -40,6 +49,35 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 
 FEATURE_SETS = ("all", "surface", "loss")
 METHODS = ("auto", "jvp", "graph", "replay")
+META_LAYERS_HELP = (
+    "student layers the meta-gradient goes through: all, head (the output layer) or last:k (the last k layers "
+    "with parameters); the other layers' update counts as fixed"
+)
+
+
+def parse_meta_layers(spec: str) -> int | None:
+    """How many of the student's last layers ``spec`` names (None: all of them)."""
+    if spec == "all":
+        return None
+    if spec == "head":
+        return 1
+    prefix, _, count = spec.partition(":")
+    if prefix == "last" and count.isdigit() and int(count) >= 1:
+        return int(count)
+    raise ValueError(f"meta_layers must be all, head or last:k with an integer k >= 1, got {spec!r}")
+
+
+def meta_parameters(params: Params, spec: str) -> frozenset[str] | None:
+    """Names of the student parameters the meta-gradient goes through under ``spec`` (None: all)."""
+    count = parse_meta_layers(spec)
+    if count is None:
+        return None
+    layers = parameter_layers(params)
+    if count > len(layers):
+        raise ValueError(
+            f"meta_layers {spec!r} asks for {count} layers, but the student has {len(layers)} layers with parameters"
+        )
+    return frozenset(name for layer in layers[-count:] for name in layer)
 
 
 def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
@@ -101,6 +139,7 @@ class MetaGradOptions:
     meta_weight_decay: float = field(1e-4, "teacher weight decay (decoupled, AdamW)", low=0.0)
     val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
     method: str = field("auto", "meta-gradient path: auto (jvp for B = 1, else graph), jvp, graph, replay", choices=list(METHODS))
+    meta_layers: str = field("all", META_LAYERS_HELP)
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
     seed: int = field(0, "seeds the teacher network's initialisation", low=0)
 
@@ -121,6 +160,8 @@ class MetaGradTeacher(Teacher):
             raise ValueError(
                 "method 'jvp' computes the one-step (B = 1) meta-gradient; use 'graph', 'replay' or 'auto' for unroll > 1"
             )
+        parse_meta_layers(self.hp.meta_layers)  # refuse a malformed spec now, not at the first meta step
+        self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hp.seed)
             self.net = WeightNet(
@@ -143,6 +184,20 @@ class MetaGradTeacher(Teacher):
         chosen = self.hp.method
         return ("jvp" if self.hp.unroll == 1 else "graph") if chosen == "auto" else chosen
 
+    def meta_layers(self) -> frozenset[str] | None:
+        """The student parameters the meta-gradient goes through (None: all), resolved on the
+        attached student."""
+        names = tuple(self.handle.params)
+        if self._layers is None or self._layers[0] != names:
+            self._layers = (names, meta_parameters(self.handle.params, self.hp.meta_layers))
+        return self._layers[1]
+
+    def head_only(self) -> bool:
+        """Whether the meta-gradient goes through the output layer alone, an ``nn.Linear`` named
+        ``head`` fed by the last hidden state (the built-in students): the closed-form case."""
+        head = getattr(self.handle.student.model, "head", None)
+        return isinstance(head, nn.Linear) and self.meta_layers() == {"head.weight", "head.bias"}
+
     def to(self, device: torch.device | str) -> MetaGradTeacher:
         self.device = torch.device(device)
         self.net.to(self.device)
@@ -159,7 +214,11 @@ class MetaGradTeacher(Teacher):
             with torch.no_grad():
                 return self.weights(obs)
         self._pending = self.weights(obs)
-        return self._pending if self.method == "graph" else self._pending.detach()
+        if self.method != "graph":
+            return self._pending.detach()
+        if self.handle is not None:  # the env keeps the graph of these layers' updates only
+            self.handle.differentiable_params = self.meta_layers()
+        return self._pending
 
     # ------------------------------------------------------------------ learning
     def observe(self, reward: float, done: bool, info: dict) -> dict[str, float]:
@@ -196,18 +255,21 @@ class MetaGradTeacher(Teacher):
         self._window.clear()
         val_indices = handle.val_indices(self.hp.val_batch)
         params = list(self.net.parameters())
+        layers = self.meta_layers()
         if self.method == "jvp" and len(transitions) == 1:
             last = transitions[0]
-            val_loss, weight_grad = weight_gradient(
-                handle, last.params, handle.params, last.indices, last.lr, val_indices, weights[0].detach()
-            )
+            if self.head_only():
+                inner, val_loss = head_alignment(handle, last, handle.params, val_indices)
+            else:
+                inner, val_loss = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+            weight_grad = weight_gradient(inner, weights[0].detach(), last.lr)
             grads = torch.autograd.grad(weights[0], params, grad_outputs=weight_grad, allow_unused=True)
         elif self.method == "graph":  # the env's params carry the graph of the B weighted updates (handle contract)
             val_loss = handle.val_loss(handle.params, val_indices)
             grads = torch.autograd.grad(val_loss, params, allow_unused=True)
             handle.detach()
         else:
-            val_loss = unrolled_val_loss(handle, transitions, weights, val_indices)
+            val_loss = unrolled_val_loss(handle, transitions, weights, val_indices, layers)
             grads = torch.autograd.grad(val_loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return val_loss.detach(), grads
@@ -222,52 +284,85 @@ class MetaGradTeacher(Teacher):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def weight_gradient(
+def weight_gradient(inner: torch.Tensor, weights: torch.Tensor, lr: float) -> torch.Tensor:
+    """dL_val/dw for one update of learning rate ``lr`` taken with ``weights``, from the alignments
+    ``inner`` (a_i = <grad L_val(after), grad l_i(before)>, over the layers the update is taken through).
+
+    The update minimised L = sum_j w_j l_j / S with S = sum_j w_j, so dL_val/dw_i =
+    -(lr / S) (a_i - sum_j w_j a_j / S); where S is below the clamp of the weighted mean, the
+    denominator is a constant and dL_val/dw_i = -(lr / eps) a_i. No host sync either way.
+    """
+    total = weights.sum()
+    clamped = total.clamp(min=WEIGHT_SUM_EPS)
+    centred = -(lr / clamped) * (inner - (weights * inner).sum() / clamped)
+    return torch.where(total > WEIGHT_SUM_EPS, centred, -(lr / WEIGHT_SUM_EPS) * inner)
+
+
+def validation_alignment(
     handle: StudentHandle,
     before: Params,
     after: Params,
     indices: torch.Tensor,
-    lr: float,
     val_indices: torch.Tensor,
-    weights: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_val(after), dL_val/dw) for one update before -> after of the batch ``indices`` taken with
-    ``weights``, without double backward.
-
-    The update minimised L = sum_j w_j l_j / S with S = sum_j w_j, so with v = grad L_val(after) and
-    a_i = <v, grad l_i(before)>: dL_val/dw_i = -(lr / S) (a_i - sum_j w_j a_j / S). The n inner
-    products a_i are the tangent of one forward-mode pass of the per-sample losses along v.
-    """
-    inner, val_loss = validation_alignment(handle, before, after, indices, val_indices)
-    total = weights.sum()
-    if total <= WEIGHT_SUM_EPS:  # the clamped denominator is a constant there
-        return val_loss, -(lr / WEIGHT_SUM_EPS) * inner
-    return val_loss, -(lr / total) * (inner - (weights * inner).sum() / total)
-
-
-def validation_alignment(
-    handle: StudentHandle, before: Params, after: Params, indices: torch.Tensor, val_indices: torch.Tensor
+    layers: frozenset[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, L_val(after)) with a_i = <grad L_val(after), grad l_i(before)> for the samples ``indices``,
-    from one forward-mode JVP of the per-sample losses (no double backward)."""
-    after = {n: p.detach().requires_grad_() for n, p in after.items()}
+    from one forward-mode JVP of the per-sample losses (no double backward); with ``layers``, both
+    gradients are taken with respect to those parameters only."""
+    names = [n for n in after if layers is None or n in layers]
+    after = {n: p.detach().requires_grad_(layers is None or n in layers) for n, p in after.items()}
     val_loss = handle.val_loss(after, val_indices)
-    direction = torch.autograd.grad(val_loss, list(after.values()))
+    direction = dict(zip(names, torch.autograd.grad(val_loss, [after[n] for n in names])))
     with fwad.dual_level():
-        dual = {n: fwad.make_dual(p.detach(), d) for (n, p), d in zip(before.items(), direction)}
+        dual = {n: fwad.make_dual(p.detach(), direction[n]) if n in direction else p.detach() for n, p in before.items()}
         inner = fwad.unpack_dual(handle.per_sample_losses(dual, indices)).tangent
     return inner, val_loss.detach()
 
 
-def unrolled_val_loss(handle: StudentHandle, transitions: tuple, weights: tuple, val_indices: torch.Tensor) -> torch.Tensor:
+def head_alignment(
+    handle: StudentHandle, transition: Transition, after: Params, val_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``validation_alignment`` restricted to the output layer, in closed form: with e = softmax - one-hot,
+    the gradient of l_i with respect to the head (W, b) is (e_i h_i^T, e_i), so a_i = e_i . (V h_i + v),
+    where (V, v) = (e_val^T H_val, sum e_val) / m is grad L_val(after) with respect to the head. The
+    batch's logits and head inputs come from the real forward (``transition``); the only new work is
+    one validation forward."""
+    with torch.no_grad():
+        logits, head_input = handle.val_outputs(after, val_indices)
+        labels = handle.data.val.y[val_indices]
+        val_loss = F.cross_entropy(logits, labels)
+        err_val = torch.softmax(logits, 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        v_weight, v_bias = err_val.T @ head_input / len(labels), err_val.mean(0)
+        batch_logits = transition.logits
+        err = torch.softmax(batch_logits, 1) - F.one_hot(handle.pool.y[transition.indices], batch_logits.shape[1]).to(
+            batch_logits.dtype
+        )
+        inner = ((transition.head_input @ v_weight.T + v_bias) * err).sum(1)
+    return inner, val_loss
+
+
+def unrolled_val_loss(
+    handle: StudentHandle,
+    transitions: tuple,
+    weights: tuple,
+    val_indices: torch.Tensor,
+    layers: frozenset[str] | None = None,
+) -> torch.Tensor:
     """L_val after replaying ``transitions`` with ``weights``, differentiable in the weights
-    (reverse mode through every update: needs double backward)."""
+    (reverse mode through every update: needs double backward). With ``layers``, only those
+    parameters are replayed; the others take the values the real updates gave them."""
+
+    def real_outside_layers(params: Params, real: Params) -> Params:
+        return (
+            params if layers is None else {n: p if n in layers else real[n].detach().requires_grad_() for n, p in params.items()}
+        )
+
     first = transitions[0]
     params = {n: p.detach().requires_grad_() for n, p in first.params.items()}
     momentum = {n: m.detach() for n, m in first.momentum.items()}
     for transition, w in zip(transitions, weights):
-        params, momentum = handle.replay_update(transition, params, momentum, w, create_graph=True)
-    return handle.val_loss(params, val_indices)
+        params, momentum = handle.replay_update(transition, real_outside_layers(params, transition.params), momentum, w, True)
+    return handle.val_loss(real_outside_layers(params, handle.params), val_indices)
 
 
 @dataclass
@@ -278,6 +373,7 @@ class MetaWeightNetOptions:
     teacher_lr: float = field(3e-3, "teacher learning rate (Adam)", above=0.0)
     val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
+    meta_layers: str = field("all", META_LAYERS_HELP)
     seed: int = field(0, "seeds the teacher network's initialisation", low=0)
 
 

@@ -34,6 +34,7 @@ CONFIGS = {
 }
 TEACHERS = {
     "meta_grad B=1": ("meta_grad", {"unroll": 1}),
+    "meta_grad head B=1": ("meta_grad", {"unroll": 1, "meta_layers": "head"}),
     "meta_grad B=3": ("meta_grad", {"unroll": 3}),
     "meta_grad B=5": ("meta_grad", {"unroll": 5}),
     "mwnet": ("mwnet", {}),

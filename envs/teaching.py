@@ -363,7 +363,7 @@ class TeachingEnv(gym.Env):
         handle = state["handle"] = copy.copy(self.handle)
         handle.params = {n: p.detach() for n, p in self.handle.params.items()}
         handle.momentum = {n: m.detach() for n, m in self.handle.momentum.items()}
-        handle.batch_losses, handle.last_transition = None, None
+        handle.batch_losses, handle.batch_outputs, handle.last_transition = None, None, None
         state["_mid_episode"] = self.episode_in_progress
         return state
 
@@ -373,7 +373,7 @@ class TeachingEnv(gym.Env):
         handle = self.handle
         handle.params = {n: p.requires_grad_() for n, p in handle.params.items()}
         if mid_episode:
-            handle.batch_losses = handle.per_sample_losses(handle.params, handle.batch_indices)
+            handle.refresh_batch()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything an episode in progress depends on, as tensors and plain values (CPU), so that a

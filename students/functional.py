@@ -56,6 +56,15 @@ def sgd_update(params: Params, momentum_buffers: Params, grads: Params, lr: floa
     return new_params, new_buffers
 
 
+def parameter_layers(params: Params) -> list[list[str]]:
+    """The student's layers with parameters, as lists of parameter names grouped by the module that
+    owns them, in registration order (the forward order of the built-in students)."""
+    layers: dict[str, list[str]] = {}
+    for name in params:
+        layers.setdefault(name.rpartition(".")[0], []).append(name)
+    return list(layers.values())
+
+
 class FunctionalStudent:
     """A student module used functionally: parameters and buffers live outside the module."""
 

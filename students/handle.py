@@ -30,6 +30,8 @@ class Transition:
     momentum: Params  # momentum buffers before the update
     indices: torch.Tensor  # the batch, as indices into the training split
     lr: float  # the learning rate the update used
+    logits: torch.Tensor  # the batch's logits under ``params`` (from the real forward, detached)
+    head_input: torch.Tensor  # the batch's last hidden state, the output layer's input (detached)
 
 
 class StudentHandle:
@@ -45,6 +47,10 @@ class StudentHandle:
         self.momentum: Params = {}
         self.batch_indices: torch.Tensor | None = None  # the batch the next update will take
         self.batch_losses: torch.Tensor | None = None  # its per-sample losses, with the graph to ``params``
+        self.batch_outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its (logits, head input), detached
+        # which parameters a differentiable update keeps the graph for (None: all); a teacher whose
+        # meta-gradient goes through some layers only sets it, and the others' updates stay fixed
+        self.differentiable_params: frozenset[str] | None = None
         self.last_transition: Transition | None = None
         self.lr_now = sgd.lr  # learning rate of the next update (the env sets it as its schedule advances)
         self._val_generator = torch.Generator()
@@ -55,7 +61,7 @@ class StudentHandle:
         params, self.buffers = student.initial_state()
         self.params = {n: p.requires_grad_() for n, p in params.items()}
         self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.batch_indices, self.batch_losses, self.last_transition = None, None, None
+        self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
         self._val_generator.manual_seed(val_seed)
 
     # ------------------------------------------------------------------ what the env does with it
@@ -63,9 +69,19 @@ class StudentHandle:
         """Forward the batch ``indices`` (train mode; BatchNorm statistics advance, as in real training)
         and keep its per-sample losses for the update; returns (logits, hidden states, given labels)."""
         self.batch_indices = indices
-        x, y = self.pool.x[indices], self.pool.y[indices]
-        logits, hidden = self.student.forward(self.params, self.buffers, x, train=True)
+        return self._forward_losses(self.buffers)
+
+    def refresh_batch(self) -> None:
+        """Recompute the current batch's losses and outputs from ``params`` (after they lost their
+        autograd history, or were restored), leaving the BatchNorm statistics untouched."""
+        self._forward_losses({n: b.clone() for n, b in self.buffers.items()})
+
+    def _forward_losses(self, buffers: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Forward the current batch under ``params`` and keep its losses and outputs for the update."""
+        x, y = self.pool.x[self.batch_indices], self.pool.y[self.batch_indices]
+        logits, hidden = self.student.forward(self.params, buffers, x, train=True)
         self.batch_losses = F.cross_entropy(logits, y, reduction="none")
+        self.batch_outputs = (logits.detach(), next(reversed(hidden.values())).detach())
         return logits, hidden, y
 
     def update(self, weights: torch.Tensor, differentiable: bool) -> bool:
@@ -76,10 +92,12 @@ class StudentHandle:
         if not torch.isfinite(loss):
             return False
         grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
-        self.last_transition = Transition(self.params, self.momentum, self.batch_indices, self.lr_now)
+        self.last_transition = Transition(self.params, self.momentum, self.batch_indices, self.lr_now, *self.batch_outputs)
         with torch.set_grad_enabled(differentiable):
-            params, self.momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), self.lr_now, self.sgd)
-        self.params = params if differentiable else {n: p.requires_grad_() for n, p in params.items()}
+            params, momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), self.lr_now, self.sgd)
+        keep = self.differentiable_params if differentiable else frozenset()
+        self.params = {n: p if keep is None or n in keep else p.detach().requires_grad_() for n, p in params.items()}
+        self.momentum = {n: m if keep is None or n in keep else m.detach() for n, m in momentum.items()}
         self.batch_losses = None
         return True
 
@@ -91,7 +109,7 @@ class StudentHandle:
         self.params = {n: p.detach().requires_grad_() for n, p in self.params.items()}
         self.momentum = {n: m.detach() for n, m in self.momentum.items()}
         if self.batch_losses is not None:
-            self.batch_losses = self.per_sample_losses(self.params, self.batch_indices)
+            self.refresh_batch()
 
     def per_sample_losses(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
         """Training losses of the samples ``indices`` under ``params`` (train mode, so BatchNorm uses
@@ -116,6 +134,13 @@ class StudentHandle:
         """Mean clean validation loss of ``indices`` under ``params`` (train mode, buffers untouched)."""
         return self.student.per_sample_losses(params, self.buffers, self.data.val.x[indices], self.data.val.y[indices]).mean()
 
+    def val_outputs(self, params: Params, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, head input) of the validation samples ``indices`` under ``params`` (train mode,
+        buffers untouched), for meta-gradients through the output layer alone."""
+        scratch = {n: b.clone() for n, b in self.buffers.items()}
+        logits, hidden = self.student.forward(params, scratch, self.data.val.x[indices], train=True)
+        return logits, next(reversed(hidden.values()))
+
     def corrupted_in_batch(self) -> torch.Tensor:
         """Which given labels of the current batch are wrong. A diagnostic: only the ``oracle``
         reference reads it, never a teacher."""
@@ -138,4 +163,4 @@ class StudentHandle:
         self.buffers, self.momentum = to(state["buffers"]), to(state["momentum"])
         self._val_generator.set_state(state["val_generator"])
         self.batch_indices, self.last_transition = state["batch_indices"].to(device), None
-        self.batch_losses = self.per_sample_losses(self.params, self.batch_indices)
+        self.refresh_batch()

@@ -86,11 +86,11 @@ def test_jvp_path_equals_double_backward(student):
     last = transitions[0]
     assert float(weights.detach().std() / weights.detach().mean()) > 0.2, "the test needs weights far from uniform"
     assert last.lr < 0.05, "the cosine schedule has moved the learning rate"
-    _, fast = weight_gradient(env, last.params, env.params, last.indices, last.lr, val_indices, weights.detach())
+    inner, _ = validation_alignment(env, last.params, env.params, last.indices, val_indices)
+    fast = weight_gradient(inner, weights.detach(), last.lr)
     tolerance = dict(rtol=1e-7, atol=1e-9 * float(reference.abs().max()))
     torch.testing.assert_close(fast, reference, **tolerance)
     # the formula with the unweighted mean of the inner products (right only at uniform weights) is caught
-    inner, _ = validation_alignment(env, last.params, env.params, last.indices, val_indices)
     total = weights.detach().sum()
     wrong = -(last.lr / total) * (inner - inner.mean())
     assert not torch.allclose(wrong, reference, **tolerance), "this test cannot tell the right formula from a wrong one"
@@ -219,9 +219,8 @@ def test_fast_path_matches_the_straightforward_one_in_float32(student):
     val_indices = unwrapped.val_indices(64)
     params = list(teacher.net.parameters())
     slow = torch.autograd.grad(unrolled_val_loss(unwrapped, (last,), (weights,), val_indices), params, retain_graph=True)
-    _, weight_grad = weight_gradient(
-        unwrapped, last.params, unwrapped.params, last.indices, last.lr, val_indices, weights.detach()
-    )
+    inner, _ = validation_alignment(unwrapped, last.params, unwrapped.params, last.indices, val_indices)
+    weight_grad = weight_gradient(inner, weights.detach(), last.lr)
     fast = torch.autograd.grad(weights, params, grad_outputs=weight_grad)
     fast, slow = torch.cat([g.flatten() for g in fast]), torch.cat([g.flatten() for g in slow])
     # float32 rounding differs between the two paths by ~1e-7 of the largest entry (it was ~7e-10 at an
