@@ -65,27 +65,36 @@ NEIGHBOURS = 5
 
 class ObservationBuilder:
     """Turns a student's outputs on a batch into the observation, keeping the running statistics
-    (class centroids per layer, per-sample loss history, running train loss) that features need."""
+    (class centroids per layer, per-sample loss history, running train loss) that features need.
+
+    Small students make the cost of an observation one of tensor-op count, not of arithmetic, so
+    the two hidden layers are handled as one zero-padded (2, batch, width) stack (padding changes no
+    norm or cosine) and class statistics come from one one-hot matrix: about 40 ops per step, none
+    of which reads a value back to the host.
+    """
 
     def __init__(self, num_train: int, num_classes: int, device: torch.device | str):
         self.num_classes = num_classes
         self.loss_history = torch.zeros(num_train, device=device)
         self.visited = torch.zeros(num_train, dtype=torch.bool, device=device)
-        self.centroids: list[torch.Tensor | None] = [None, None]
+        self.centroids: torch.Tensor | None = None  # (2, K, width): running unit-feature centroids, zero-padded
+        self.widths: list[int] = []  # the true width of each layer's centroids
         self.train_loss = torch.tensor(math.log(num_classes), device=device)
         self.train_acc = torch.tensor(1.0 / num_classes, device=device)
 
     def state_dict(self) -> dict:
+        centroids = [c[:, :w].cpu() for c, w in zip(self.centroids, self.widths)] if self.centroids is not None else []
         return {
-            "loss_history": self.loss_history.cpu(), "visited": self.visited.cpu(),
-            "centroids": [c.cpu() if c is not None else torch.zeros(0) for c in self.centroids],
+            "loss_history": self.loss_history.cpu(), "visited": self.visited.cpu(), "centroids": centroids,
             "train_loss": self.train_loss.cpu(), "train_acc": self.train_acc.cpu(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         device = self.loss_history.device
         self.loss_history, self.visited = state["loss_history"].to(device), state["visited"].to(device)
-        self.centroids = [c.to(device) if c.numel() else None for c in state["centroids"]]
+        saved = [c.to(device) for c in state["centroids"] if c.numel()]
+        self.widths = [c.shape[1] for c in saved]
+        self.centroids = _stack_padded(saved) if saved else None
         self.train_loss, self.train_acc = state["train_loss"].to(device), state["train_acc"].to(device)
 
     def running_train_stats(self) -> dict[str, float]:
@@ -110,49 +119,58 @@ class ObservationBuilder:
         return features
 
     def internal(self, hidden_layers: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Per-sample internal-state features (batch, D) from the last two hidden layers."""
+        """Per-sample internal-state features (batch, D) from the last two hidden layers: the deeper
+        layer's features, then the second-to-last layer's (``INTERNAL_FEATURES``' order)."""
         if len(hidden_layers) < 2:
             raise ValueError(f"internal features need at least two hidden layers, the student exposes {len(hidden_layers)}")
-        blocks = []
-        for slot, h in enumerate(hidden_layers[-2:]):
-            blocks.append(self._layer_features(slot, h.detach().float().flatten(1), labels))
-        return torch.cat(blocks, 1)
-
-    def _layer_features(self, slot: int, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        norm = h.norm(dim=1)
+        layers = [h.detach().float().flatten(1) for h in hidden_layers[-2:]]
+        h = _stack_padded(layers)  # (2, batch, width)
+        norm = h.norm(dim=2)
         log_norm = torch.log(norm + 1e-8)
-        unit = h / (norm[:, None] + 1e-8)
-        centroids = self._update_centroids(slot, unit, labels)
-        cos = unit @ F.normalize(centroids, dim=1, eps=1e-8).T  # (batch, K)
-        cos_own = cos.gather(1, labels[:, None]).squeeze(1)
-        cos_other = cos.scatter(1, labels[:, None], -2.0).amax(1)
-        return torch.stack(
-            [log_norm - log_norm.mean(), cos_own, cos_other, cos_own - cos_other, self._knn_agreement(unit, labels)], 1
-        )
+        unit = h / (norm[..., None] + 1e-8)
+        one_hot = F.one_hot(labels, self.num_classes).to(unit.dtype)
+        centroids = self._update_centroids(unit, one_hot, [x.shape[1] for x in layers])
+        cos = unit @ F.normalize(centroids, dim=2, eps=1e-8).transpose(1, 2)  # (2, batch, K)
+        own_class = labels.expand(2, -1)[..., None]
+        cos_own = cos.gather(2, own_class).squeeze(2)
+        cos_other = cos.scatter(2, own_class, -2.0).amax(2)
+        features = torch.stack(
+            [log_norm - log_norm.mean(1, keepdim=True), cos_own, cos_other, cos_own - cos_other, _knn_agreement(unit, labels)],
+            2,
+        )  # (2, batch, per-layer features)
+        return features.transpose(0, 1).flatten(1)
 
-    def _update_centroids(self, slot: int, unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Running (EMA) centroid of the unit features of each given class; returns the pre-update ones."""
-        sums = torch.zeros(self.num_classes, unit.shape[1], device=unit.device).index_add_(0, labels, unit)
-        counts = torch.bincount(labels, minlength=self.num_classes).to(unit.dtype)[:, None]
-        batch_means = sums / counts.clamp(min=1)
-        previous = self.centroids[slot]
-        if previous is None or previous.shape != batch_means.shape:
+    def _update_centroids(self, unit: torch.Tensor, one_hot: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """Running (EMA) centroid of the unit features of each given class, per layer; returns the
+        pre-update ones (the batch's own class means on the first batch)."""
+        counts = one_hot.sum(0)
+        batch_means = (one_hot.T @ unit) / counts.clamp(min=1)[:, None]  # (2, K, width)
+        previous = self.centroids
+        if previous is None or self.widths != widths:
             previous = batch_means
-        present = counts > 0
-        self.centroids[slot] = torch.where(
-            present, CENTROID_MOMENTUM * previous + (1 - CENTROID_MOMENTUM) * batch_means, previous
+        self.centroids = torch.where(
+            (counts > 0)[:, None], CENTROID_MOMENTUM * previous + (1 - CENTROID_MOMENTUM) * batch_means, previous
         )
+        self.widths = widths
         return previous
 
-    @staticmethod
-    def _knn_agreement(unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        k = min(NEIGHBOURS, len(labels) - 1)
-        if k <= 0:
-            return torch.ones(len(labels), device=unit.device)
-        similarity = unit @ unit.T
-        similarity.fill_diagonal_(-3.0)
-        neighbours = similarity.topk(k, dim=1).indices
-        return (labels[neighbours] == labels[:, None]).float().mean(1)
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 2-D tensors of equal height along a new first dimension, zero-padding their widths."""
+    width = max(r.shape[1] for r in rows)
+    return torch.stack([F.pad(r, (0, width - r.shape[1])) for r in rows])
+
+
+def _knn_agreement(unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(layers, batch): the fraction of each sample's nearest batch neighbours (cosine, itself
+    excluded) that share its label."""
+    k = min(NEIGHBOURS, len(labels) - 1)
+    if k <= 0:
+        return torch.ones(unit.shape[:2], device=unit.device)
+    similarity = unit @ unit.transpose(1, 2)
+    similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
+    neighbours = similarity.topk(k, dim=2).indices
+    return (labels[neighbours] == labels[:, None]).float().mean(2)
 
 
 def feature_bounds(table: tuple) -> tuple[np.ndarray, np.ndarray]:
