@@ -26,7 +26,7 @@ import evaluate  # noqa: E402
 from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
 from runconfig import setting_label  # noqa: E402
 
-SUITES = ("mnist1d", "digits", "mnist", "transfer", "ablation", "rl")
+SUITES = ("mnist1d", "digits", "mnist", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl")
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
 RL_SETTING = ["--dataset", "digits", "--noise", "pairflip", "--noise-rate", "0.4", "--val-size", "200", "--batch-size", "64",
               "--eval-every", "100"]  # fmt: skip
@@ -102,7 +102,7 @@ def run_suite(name: str) -> Path | None:
         run_rl_suite(out)
         return out
     argv = ["--suite", str(ROOT / "suites" / "results" / f"{name}.yaml"), "--out", str(out), "--resume", "--no-progress"]
-    if name == "mnist":
+    if name.rpartition("_")[2] == "mnist":  # real MNIST, from ../shared/data
         if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
             return None
         argv += ["--data-root", str(DATA_ROOT)]
@@ -157,7 +157,7 @@ def oracle_gap(summary: list[dict]) -> list[str]:
     return lines
 
 
-def ablation_table(out: Path) -> list[str]:
+def variant_table(out: Path) -> list[str]:
     """Each variant of meta_grad against the default, paired by seed, per setting."""
     runs = json.loads((out / "results.json").read_text())["runs"]
     by_setting: dict[str, dict[str, list[dict]]] = {}
@@ -198,7 +198,17 @@ def section(name: str, out: Path | None) -> list[str]:
             "## Suite `ablation`: what meta_grad's parts are worth", "",
             f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md). Identical hyper-parameters for every "
             "variant (student lr 0.1, default teacher options); differences paired by seed against the default.", "",
-            *ablation_table(out), "",
+            *variant_table(out), "",
+        ]  # fmt: skip
+    if name.startswith("layers_"):
+        return [
+            f"## Suite `{name}`: the meta-gradient through the last layers only", "",
+            f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md). `meta_grad@head` and "
+            "`meta_grad@last2` take the exact meta-gradient through an update of the output layer (the last two "
+            "layers) only (`--meta-layers head`, `last:2`); every variant runs at the hyper-parameters tuned for "
+            "`meta_grad` in the matching suite; differences paired by seed against the default (all layers). "
+            "`time x` is measured while two runs share the 2 cores; `benchmarks/teach_step.py` gives the clean ratios.", "",
+            *variant_table(out), "",
         ]  # fmt: skip
     report = (out / "report.md").read_text()
     tables = report.split("## ", 2)[2] if report.count("## ") >= 2 else report  # drop the title and the settings list
