@@ -34,7 +34,7 @@ class TeachingRun:
     reward: float = 0.0
     done: bool = False
     info: dict = field(default_factory=dict)
-    scalars: dict[str, float] = field(default_factory=dict)  # what the teacher's update reported
+    scalars: dict[str, Any] = field(default_factory=dict)  # what the teacher's update reported (numbers or 0-d tensors)
     seconds: float = 0.0  # wall time spent in act + env step + teacher update
 
 
@@ -120,17 +120,18 @@ class WeightStats(Callback):
 
 
 class TeacherScalars(Callback):
-    """The teacher's reported scalars (meta loss, ...) since the last ``flush``, averaged."""
+    """The teacher's reported scalars (meta loss, ...) since the last ``flush``, averaged. Tensors are
+    kept on their device until ``flush``, so that logging adds no sync to a step."""
 
     def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
+        self.values: dict[str, list[Any]] = {}
 
     def on_step(self, run: TeachingRun) -> None:
         for key, value in run.scalars.items():
-            self.values.setdefault(key, []).append(float(value))
+            self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else value)
 
     def flush(self) -> dict[str, float]:
-        means = {key: float(np.mean(v)) for key, v in self.values.items()}
+        means = {key: float(np.mean([float(x) for x in v])) for key, v in self.values.items()}
         self.values = {}
         return means
 

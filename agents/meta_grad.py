@@ -170,7 +170,9 @@ class MetaGradTeacher(Teacher):
         # decoupled weight decay: meta-gradients are tiny (they carry lr / sum(w) factors), so an L2 term
         # inside Adam's normalisation would outweigh them and shrink the teacher to its initial
         # constant weights (measured: a pre-trained teacher collapsed to all-0.9 weights)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.hp.teacher_lr, weight_decay=self.hp.meta_weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.hp.teacher_lr, weight_decay=self.hp.meta_weight_decay, fused=True
+        )
         self.device = torch.device("cpu")
         self._window: deque[tuple[Transition, torch.Tensor]] = deque()
         self._pending: torch.Tensor | None = None
@@ -221,7 +223,7 @@ class MetaGradTeacher(Teacher):
         return self._pending
 
     # ------------------------------------------------------------------ learning
-    def observe(self, reward: float, done: bool, info: dict) -> dict[str, float]:
+    def observe(self, reward: float, done: bool, info: dict) -> dict[str, torch.Tensor]:
         """Queue the update just taken; every B updates (and at episode end) take a meta step."""
         if not self.training or self._pending is None:
             return {}
@@ -237,15 +239,17 @@ class MetaGradTeacher(Teacher):
             return {}
         return self.meta_step()
 
-    def meta_step(self) -> dict[str, float]:
-        """One Adam step on the teacher from the queued updates; returns the validation loss."""
+    def meta_step(self) -> dict[str, torch.Tensor]:
+        """One AdamW step on the teacher from the queued updates; returns the validation loss (device
+        tensors: nothing here waits for the device). A non-finite meta-gradient (a diverging student
+        gives no usable signal) skips the step, through the fused optimizer's ``found_inf`` flag."""
         val_loss, grads = self.meta_gradient()
-        if not all(torch.isfinite(g).all() for g in grads):
-            return {"meta_loss": val_loss.item(), "meta_skipped": 1.0}  # a diverging student gives no usable signal
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         for p, g in zip(self.net.parameters(), grads):
             p.grad = g
+        self.optimizer.found_inf = (~finite).float()  # read by the fused kernel, as torch.amp.GradScaler does
         self.optimizer.step()
-        return {"meta_loss": val_loss.item(), "meta_skipped": 0.0}
+        return {"meta_loss": val_loss, "meta_skipped": self.optimizer.found_inf}
 
     def meta_gradient(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(L_val after the queued updates, its gradient with respect to the teacher's parameters);

@@ -13,7 +13,7 @@ from gymnasium import spaces
 
 from envs.observation import FEATURE_TABLES, ObservationBuilder, clip_to_bounds, feature_bounds, observation_box
 from envs.rewards import make_reward
-from students.data import BatchSampler, Dataset, Split, check_name, load_dataset
+from students.data import BatchSampler, Dataset, Split, check_name, load_dataset, to_device
 from students.functional import LR_SCHEDULES, FunctionalStudent, SGDConfig
 from students.handle import StudentHandle
 from students.models import make_student
@@ -64,7 +64,10 @@ class TeachingEnv(gym.Env):
     ## Action Space
     ``Box(0, 1, (batch_size,), float32)``: one weight per sample of the current batch, in the
     order of the observation's rows. Weights of 1 reproduce plain training. An action of the wrong
-    shape, with NaN or inf, or outside [0, 1] raises ``ValueError`` before anything changes.
+    shape or dtype raises ``ValueError`` before anything changes, and so does a NumPy action with
+    NaN or inf or outside [0, 1]. A torch action's values are checked on its device, so that a step
+    never waits for the device: a bad one's update is skipped (the student loses nothing) and the
+    ``ValueError`` naming its step comes at the next evaluation.
     A torch action that requires grad makes the update a differentiable function of it (the new
     parameters keep the graph), so a teacher can back-propagate through real updates; it then calls
     ``handle.detach()`` to cut that history.
@@ -90,7 +93,9 @@ class TeachingEnv(gym.Env):
 
     ## Episode End
     *termination*: ``horizon`` updates done; or, with the ``threshold`` reward, validation accuracy
-    reached the threshold; or the student diverged (non-finite loss, ``info["diverged"] = True``).
+    reached the threshold; or the student diverged (``info["diverged"] = True``): an update met a
+    non-finite loss, which leaves the student as it was and is noticed, on the device, at the next
+    evaluation (later updates go on from the last finite state).
 
     ## Arguments
     See ``__init__``. Data, split and label noise are fixed by ``seed`` at construction; the
@@ -231,6 +236,7 @@ class TeachingEnv(gym.Env):
         self.reward_fn.reset()
         self._set_step(0)
         self._has_diverged = False
+        self._bad_action_step = torch.full((), -1, device=self.device)
         chance = 1.0 / self.data.num_classes
         self.val_loss_last, self.val_acc_last, self.best_val_acc = float(np.log(self.data.num_classes)), chance, chance
         obs = self._observe()
@@ -241,63 +247,80 @@ class TeachingEnv(gym.Env):
             raise RuntimeError("TeachingEnv.step() called before reset(); call env.reset() first")
         if self.t >= self.horizon or self._has_diverged:
             raise RuntimeError("TeachingEnv.step() called after the episode ended; call env.reset() first")
-        weights = self._check_action(action)
+        weights, valid = self._check_action(action)
+        reward, terminated, evaluation = 0.0, self.t + 1 >= self.horizon, {}
+        evaluating = (self.t + 1) % self.eval_every == 0 or terminated
+        if evaluating:  # the device-side action flags are read here, and only here, before anything changes
+            self._raise_on_bad_action(valid)
         differentiable = isinstance(action, torch.Tensor) and action.requires_grad
         if differentiable:  # keep the action's graph: the update becomes a differentiable function of it
             weights = action.to(self.device, self.dtype)
-        if not self.handle.update(weights, differentiable):
-            return self._diverge()
+        self.handle.update(weights, differentiable, valid)
+        if valid is not None:  # remember the first step whose torch action failed its device-side check
+            self._bad_action_step = torch.where((self._bad_action_step < 0) & ~valid, self.t, self._bad_action_step)
         self._set_step(self.t + 1)
-        reward, terminated, evaluation = 0.0, self.t >= self.horizon, {}
-        if self.t % self.eval_every == 0 or terminated:
+        if evaluating:
+            if self.handle.diverged:
+                return self._diverge()
             evaluation = self.evaluate()
             self.val_loss_last, self.val_acc_last = evaluation["val_loss"], evaluation["val_acc"]
             self.best_val_acc = max(self.best_val_acc, self.val_acc_last)
             reward, reached = self.reward_fn.on_eval(self.t, self.val_acc_last, terminated)
             terminated = terminated or reached
-        if terminated:
-            obs = self._observe(final=True)
-        else:
-            obs = self._observe()
-            if obs is None:
-                return self._diverge()
+        obs = self._observe(final=terminated)
         if evaluation:  # the running train statistics include the batch just observed
             evaluation.update(self.features.running_train_stats())
         return obs, float(reward), terminated, False, {**self._info(diverged=False), **evaluation}
 
     # ----------------------------------------------------------------------------- internals
-    def _check_action(self, action: Any) -> torch.Tensor:
+    def _check_action(self, action: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weights on the device, None) for a valid host action, which is checked at once; for a torch
+        tensor, its shape and dtype are checked at once and its values on the device: (weights, a
+        device flag that they are finite and in [0, 1]), read at the next evaluation."""
         if isinstance(action, torch.Tensor):
             weights = action.detach()
         else:
             array = np.asarray(action)
             if array.dtype.kind not in "fiu":
                 raise ValueError(f"action must be real numbers, got dtype {array.dtype}")
-            weights = torch.from_numpy(array.astype(np.float32, copy=False))
-        if weights.shape != (self.batch_size,):
+            weights = array
+        if tuple(weights.shape) != (self.batch_size,):
             raise ValueError(f"action must have shape ({self.batch_size},) (one weight per sample), got {tuple(weights.shape)}")
+        if isinstance(weights, np.ndarray):
+            bad = ~(np.isfinite(weights) & (weights >= 0) & (weights <= 1))
+            if bad.any():
+                i = int(bad.nonzero()[0][0])
+                raise ValueError(f"action weights must be finite and in [0, 1]; weight {i} is {weights[i]}")
+            return torch.from_numpy(weights.astype(np.float32, copy=False)).to(self.device, self.dtype), None
         if weights.is_complex() or weights.dtype == torch.bool:
             raise ValueError(f"action must be real numbers, got dtype {weights.dtype}")
         weights = weights.to(self.device, self.dtype)
-        bad = ~(torch.isfinite(weights) & (weights >= 0) & (weights <= 1))
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"action weights must be finite and in [0, 1]; weight {i} is {weights[i].item()}")
-        return weights
+        return weights, (torch.isfinite(weights) & (weights >= 0) & (weights <= 1)).all()
 
-    def _observe(self, final: bool = False) -> dict | None:
-        """Forward the next batch (its graph is kept for the update) and build the observation."""
+    def _raise_on_bad_action(self, valid: torch.Tensor | None) -> None:
+        """Report a torch action that failed its device-side check since the last evaluation (its
+        update was skipped, so the student lost nothing), or the current one (nothing changes)."""
+        step = int(self._bad_action_step)
+        if step < 0 and (valid is None or valid):
+            return
+        self._bad_action_step.fill_(-1)
+        step = self.t if step < 0 else step
+        raise ValueError(
+            f"action weights must be finite and in [0, 1]; the torch action at step {step} was not, and its update "
+            "was not applied (torch actions are checked on the device and reported at the next evaluation)"
+        )
+
+    def _observe(self, final: bool = False) -> dict:
+        """Forward the next batch (its graph is kept for the update) and build the observation. A
+        non-finite forward needs no check here: the update's loss is then not finite either."""
         if final:
             self.handle.batch_losses = None
             return self._convert(self._zero_obs())
         indices = self.sampler.next()
         logits, hidden, y = self.handle.forward_batch(indices)
-        detached = logits.detach()
-        if not torch.isfinite(detached).all():
-            return None
         raw = {
             "global": self._global_features(),
-            "samples": self.features.samples(detached, y, indices),
+            "samples": self.features.samples(logits.detach(), y, indices),
             "internal": self.features.internal(list(hidden.values()), y),
         }
         self._last_obs = {key: clip_to_bounds(value, self._bounds[key]) for key, value in raw.items()}
@@ -306,16 +329,19 @@ class TeachingEnv(gym.Env):
     def _global_features(self) -> torch.Tensor:
         """The ``global`` entry, in GLOBAL_FEATURES' order; the running train statistics stay on the device."""
         epochs_seen = math.log1p(self.t / self.sampler.batches_per_epoch)
-        host = torch.tensor(
-            [
-                self.t / self.horizon,
-                self.handle.lr_now / self.sgd.lr,
-                self.val_loss_last,
-                self.val_acc_last,
-                self.best_val_acc,
-                epochs_seen,
-            ]
-        ).to(self.device)
+        host = to_device(
+            torch.tensor(
+                [
+                    self.t / self.horizon,
+                    self.handle.lr_now / self.sgd.lr,
+                    self.val_loss_last,
+                    self.val_acc_last,
+                    self.best_val_acc,
+                    epochs_seen,
+                ]
+            ),
+            self.device,
+        )
         running = torch.stack([self.features.train_loss, self.features.train_acc]).float()
         return torch.cat([host[:2], running, host[2:]])
 
@@ -398,6 +424,7 @@ class TeachingEnv(gym.Env):
             self.reset()
         self._set_step(state["t"])
         self._has_diverged = False
+        self._bad_action_step = torch.full((), -1, device=self.device)
         self.np_random.bit_generator.state = state["np_random"]
         for sampler, saved in zip(self.samplers, state["samplers"]):
             sampler.load_state_dict(saved)

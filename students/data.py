@@ -274,6 +274,15 @@ def _cifar(name: str, data_root: str | None, download: bool) -> tuple[np.ndarray
     return as_images(train), labels(train), as_images(test), labels(test)
 
 
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait for the device: CUDA copies are
+    staged in pinned memory and asynchronous (a plain copy from pageable memory synchronises)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class BatchSampler:
     """Seeded mini-batches of training indices; reshuffles every epoch, drops the ragged tail.
 
@@ -305,7 +314,7 @@ class BatchSampler:
     def next(self) -> torch.Tensor:
         """The next batch of indices, shape (batch_size,), on the data's device."""
         if not self._epoch_batches:
-            order = (torch.randperm(self.num_samples, generator=self.generator) + self.offset).to(self.device)
+            order = to_device(torch.randperm(self.num_samples, generator=self.generator) + self.offset, self.device)
             usable = order[: self.batches_per_epoch * self.batch_size]
             self._epoch_batches = list(usable.view(self.batches_per_epoch, self.batch_size).unbind(0))[::-1]
             self.epoch += 1

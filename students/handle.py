@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from students.data import Dataset, Split
+from students.data import Dataset, Split, to_device
 from students.functional import FunctionalStudent, Params, SGDConfig, sgd_update
 
 
@@ -53,6 +53,9 @@ class StudentHandle:
         self.differentiable_params: frozenset[str] | None = None
         self.last_transition: Transition | None = None
         self.lr_now = sgd.lr  # learning rate of the next update (the env sets it as its schedule advances)
+        # set on the device when an update met a non-finite loss (the student diverged); read at evaluations,
+        # so that a step never waits for the device
+        self.diverged = torch.zeros((), dtype=torch.bool, device=pool.y.device)
         self._val_generator = torch.Generator()
 
     def start(self, student: FunctionalStudent, val_seed: int) -> None:
@@ -62,6 +65,7 @@ class StudentHandle:
         self.params = {n: p.requires_grad_() for n, p in params.items()}
         self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
         self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
+        self.diverged = torch.zeros_like(self.diverged)
         self._val_generator.manual_seed(val_seed)
 
     # ------------------------------------------------------------------ what the env does with it
@@ -84,22 +88,25 @@ class StudentHandle:
         self.batch_outputs = (logits.detach(), next(reversed(hidden.values())).detach())
         return logits, hidden, y
 
-    def update(self, weights: torch.Tensor, differentiable: bool) -> bool:
+    def update(self, weights: torch.Tensor, differentiable: bool, valid: torch.Tensor | None = None) -> None:
         """The real update on the weighted mean loss of the current batch. With ``differentiable`` the
-        new parameters keep the graph to ``weights`` (until ``detach``). A non-finite loss changes
-        nothing and returns False (the student diverged)."""
+        new parameters keep the graph to ``weights`` (until ``detach``). An update whose loss is not
+        finite, or whose weights are not ``valid`` (a device-side verdict on the action), changes
+        nothing; a non-finite loss also sets ``diverged``. Nothing here waits for the device."""
         loss = FunctionalStudent.weighted_loss(self.batch_losses, weights)
-        if not torch.isfinite(loss):
-            return False
+        finite = torch.isfinite(loss)
+        apply = finite if valid is None else finite & valid
+        self.diverged |= ~finite if valid is None else ~finite & valid  # a bad action is the teacher's fault
         grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
         self.last_transition = Transition(self.params, self.momentum, self.batch_indices, self.lr_now, *self.batch_outputs)
         with torch.set_grad_enabled(differentiable):
             params, momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), self.lr_now, self.sgd)
+            params = {n: torch.where(apply, p, self.params[n]) for n, p in params.items()}
+            momentum = {n: torch.where(apply, m, self.momentum[n]) for n, m in momentum.items()}
         keep = self.differentiable_params if differentiable else frozenset()
         self.params = {n: p if keep is None or n in keep else p.detach().requires_grad_() for n, p in params.items()}
         self.momentum = {n: m if keep is None or n in keep else m.detach() for n, m in momentum.items()}
         self.batch_losses = None
-        return True
 
     # ------------------------------------------------------------------ what teachers may call
     def detach(self) -> None:
@@ -128,7 +135,7 @@ class StudentHandle:
     def val_indices(self, size: int) -> torch.Tensor:
         """A random batch of ``size`` clean validation indices (reseeded with every new student)."""
         size = min(size, len(self.data.val))
-        return torch.randperm(len(self.data.val), generator=self._val_generator)[:size].to(self.data.val.y.device)
+        return to_device(torch.randperm(len(self.data.val), generator=self._val_generator)[:size], self.data.val.y.device)
 
     def val_loss(self, params: Params, indices: torch.Tensor) -> torch.Tensor:
         """Mean clean validation loss of ``indices`` under ``params`` (train mode, buffers untouched)."""
@@ -163,4 +170,5 @@ class StudentHandle:
         self.buffers, self.momentum = to(state["buffers"]), to(state["momentum"])
         self._val_generator.set_state(state["val_generator"])
         self.batch_indices, self.last_transition = state["batch_indices"].to(device), None
+        self.diverged = torch.zeros((), dtype=torch.bool, device=device)
         self.refresh_batch()

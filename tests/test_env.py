@@ -310,7 +310,7 @@ def test_reset_with_a_seed_replays_the_episode_exactly_meta_grad_included():
         for _ in range(50):
             teach(run, 1)
             weights.append(run.weights.detach().clone())
-            losses.append(run.scalars["meta_loss"])
+            losses.append(float(run.scalars["meta_loss"]))
         trajectories.append((torch.stack(weights), losses))
     assert torch.equal(trajectories[0][0], trajectories[1][0]) and trajectories[0][1] == trajectories[1][1]
     assert not torch.equal(trajectories[0][0][0], trajectories[0][0][-1]), "the teacher learned (weights moved)"
