@@ -14,8 +14,8 @@ setup(
     packages=find_packages(include=["envs", "envs.*", "agents", "agents.*", "students", "students.*"]),
     py_modules=["train_teacher", "evaluate", "runconfig", "reporting", "sweeps"],
     install_requires=[
-        "torch>=2.3",
-        "torchvision>=0.18",
+        "torch>=2.4",  # fused AdamW on the CPU (the teacher skips non-finite steps on the device)
+        "torchvision>=0.19",
         "gymnasium>=1.0",
         "stable-baselines3>=2.3",
         "tensorboard>=2.14",

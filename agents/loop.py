@@ -131,7 +131,9 @@ class TeacherScalars(Callback):
             self.values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else value)
 
     def flush(self) -> dict[str, float]:
-        means = {key: float(np.mean([float(x) for x in v])) for key, v in self.values.items()}
+        means = {
+            key: float(torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in v]).mean()) for key, v in self.values.items()
+        }
         self.values = {}
         return means
 

@@ -50,8 +50,8 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 FEATURE_SETS = ("all", "surface", "loss")
 METHODS = ("auto", "jvp", "graph", "replay")
 META_LAYERS_HELP = (
-    "student layers the meta-gradient goes through: all, head (the output layer) or last:k (the last k layers "
-    "with parameters); the other layers' update counts as fixed"
+    "student layers the meta-gradient goes through: all, head (the output layer) or last:k (the last k modules "
+    "with parameters, BatchNorm's included); the other layers' update counts as fixed"
 )
 
 
@@ -72,6 +72,8 @@ def meta_parameters(params: Params, spec: str) -> frozenset[str] | None:
     count = parse_meta_layers(spec)
     if count is None:
         return None
+    if spec == "head" and any(name.startswith("head.") for name in params):  # the built-in students name it
+        return frozenset(name for name in params if name.startswith("head."))
     layers = parameter_layers(params)
     if count > len(layers):
         raise ValueError(
@@ -162,6 +164,7 @@ class MetaGradTeacher(Teacher):
             )
         parse_meta_layers(self.hp.meta_layers)  # refuse a malformed spec now, not at the first meta step
         self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)
+        self._head_checked: tuple[Any, bool] = (None, False)  # (student, whether head_alignment applies to it)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hp.seed)
             self.net = WeightNet(
@@ -194,11 +197,26 @@ class MetaGradTeacher(Teacher):
             self._layers = (names, meta_parameters(self.handle.params, self.hp.meta_layers))
         return self._layers[1]
 
-    def head_only(self) -> bool:
-        """Whether the meta-gradient goes through the output layer alone, an ``nn.Linear`` named
-        ``head`` fed by the last hidden state (the built-in students): the closed-form case."""
+    def head_closed_form(self, transition: Transition) -> bool:
+        """Whether the meta-gradient goes through the output layer alone and that layer is an
+        ``nn.Linear`` named ``head`` fed by the last hidden state (the built-in students), so that
+        ``head_alignment`` applies. The last premise is checked once per student, on the real
+        forward's own numbers (one host read per student); a student that breaks it gets the
+        generic path, which is exact for any student."""
         head = getattr(self.handle.student.model, "head", None)
-        return isinstance(head, nn.Linear) and self.meta_layers() == {"head.weight", "head.bias"}
+        if not isinstance(head, nn.Linear) or head.bias is None or self.meta_layers() != {"head.weight", "head.bias"}:
+            return False
+        if self._head_checked[0] is not self.handle.student:
+            with torch.no_grad():
+                logits = F.linear(transition.head_input, transition.params["head.weight"], transition.params["head.bias"])
+            fits = torch.allclose(logits, transition.logits, rtol=1e-4, atol=1e-5 * float(transition.logits.abs().max()))
+            if not fits:
+                warnings.warn(
+                    "the student's last hidden state is not its head's input: meta_layers 'head' takes the generic path",
+                    stacklevel=3,
+                )
+            self._head_checked = (self.handle.student, fits)
+        return self._head_checked[1]
 
     def to(self, device: torch.device | str) -> MetaGradTeacher:
         self.device = torch.device(device)
@@ -262,7 +280,7 @@ class MetaGradTeacher(Teacher):
         layers = self.meta_layers()
         if self.method == "jvp" and len(transitions) == 1:
             last = transitions[0]
-            if self.head_only():
+            if self.head_closed_form(last):
                 inner, val_loss = head_alignment(handle, last, handle.params, val_indices)
             else:
                 inner, val_loss = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)

@@ -412,6 +412,7 @@ class TeachingEnv(gym.Env):
             "samplers": [s.state_dict() for s in self.samplers], "features": self.features.state_dict(),
             "reward": dict(vars(self.reward_fn)), "val": [self.val_loss_last, self.val_acc_last, self.best_val_acc],
             "obs": {k: v.detach().cpu().clone() for k, v in self._last_obs.items()},
+            "bad_action_step": self._bad_action_step.cpu(),  # a bad torch action not yet reported
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> tuple[dict, dict]:
@@ -424,7 +425,7 @@ class TeachingEnv(gym.Env):
             self.reset()
         self._set_step(state["t"])
         self._has_diverged = False
-        self._bad_action_step = torch.full((), -1, device=self.device)
+        self._bad_action_step = state.get("bad_action_step", torch.tensor(-1)).to(self.device)
         self.np_random.bit_generator.state = state["np_random"]
         for sampler, saved in zip(self.samplers, state["samplers"]):
             sampler.load_state_dict(saved)

@@ -66,6 +66,7 @@ class StudentHandle:
         self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
         self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
         self.diverged = torch.zeros_like(self.diverged)
+        self.differentiable_params = None
         self._val_generator.manual_seed(val_seed)
 
     # ------------------------------------------------------------------ what the env does with it
@@ -160,6 +161,7 @@ class StudentHandle:
         return {
             "params": cpu(self.params), "buffers": cpu(self.buffers), "momentum": cpu(self.momentum),
             "val_generator": self._val_generator.get_state(), "batch_indices": self.batch_indices.cpu(),
+            "diverged": self.diverged.cpu(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
@@ -170,5 +172,6 @@ class StudentHandle:
         self.buffers, self.momentum = to(state["buffers"]), to(state["momentum"])
         self._val_generator.set_state(state["val_generator"])
         self.batch_indices, self.last_transition = state["batch_indices"].to(device), None
-        self.diverged = torch.zeros((), dtype=torch.bool, device=device)
+        # a divergence not yet read at an evaluation (absent from states saved before it was kept)
+        self.diverged = state.get("diverged", torch.zeros((), dtype=torch.bool)).to(device)
         self.refresh_batch()

@@ -4,11 +4,15 @@ path equal to the generic one, the env's graph path equal to the replay, and bad
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
+import agents.meta_grad
 from agents.meta_grad import (
     MetaGradTeacher,
     head_alignment,
@@ -147,3 +151,93 @@ def test_more_layers_than_the_student_has_are_refused_with_the_count():
     handle, *_ = _rollout("mlp", 1)
     with pytest.raises(ValueError, match="asks for 4 layers, but the student has 3"):
         meta_parameters(handle.params, "last:4")
+
+
+def restricted_unrolled_reference(handle, transitions, weights, val_indices, layers: frozenset) -> float:
+    """L_val after the recorded updates replayed with ``weights`` in ``layers`` only, every other
+    parameter at the value the real updates gave it: the definition for B > 1, spelled out
+    independently of the package (``functional_call`` and the momentum-SGD formula)."""
+    model, sgd = handle.student.model.train(), handle.sgd
+    scratch = lambda: {n: b.clone() for n, b in handle.buffers.items()}  # noqa: E731
+    chosen = {n: transitions[0].params[n].detach() for n in layers}
+    momentum = {n: transitions[0].momentum[n].detach() for n in layers}
+    for transition, w in zip(transitions, weights):
+        merged = {n: (chosen[n] if n in layers else p.detach()).clone().requires_grad_() for n, p in transition.params.items()}
+        logits, _ = functional_call(model, (merged, scratch()), (handle.pool.x[transition.indices],))
+        losses = F.cross_entropy(logits, handle.pool.y[transition.indices], reduction="none")
+        grads = dict(zip(merged, torch.autograd.grad((w * losses).sum() / w.sum(), list(merged.values()))))
+        for n in layers:
+            momentum[n] = sgd.momentum * momentum[n] + grads[n] + sgd.weight_decay * merged[n].detach()
+            chosen[n] = merged[n].detach() - transition.lr * momentum[n]
+    final = {n: chosen[n] if n in layers else p.detach() for n, p in handle.params.items()}
+    val_logits, _ = functional_call(model, (final, scratch()), (handle.data.val.x[val_indices],))
+    return float(F.cross_entropy(val_logits, handle.data.val.y[val_indices]))
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_restricted_b3_gradient_matches_finite_differences_of_an_independent_replay(student):
+    """B = 3 through the last two layers: the teacher's gradient (the package's restricted replay,
+    which the env's graph path equals) against central finite differences of the definition."""
+    handle, teacher, observations, transitions, val_indices = _rollout(student, 3)
+    layers = meta_parameters(handle.params, "last:2")
+    obs = [{k: v.double() for k, v in o.items()} for o in observations]
+    params = list(teacher.net.parameters())
+    weights = tuple(teacher.weights(o) for o in obs)
+    analytic = torch.autograd.grad(unrolled_val_loss(handle, tuple(transitions), weights, val_indices, layers), params)
+    rng = np.random.default_rng(0)
+    eps, checked = 1e-6, 0
+    for index, p in zip((0, 1, len(params) - 2), params[:2] + params[-2:-1]):  # first layer, output weight
+        for flat in rng.choice(p.numel(), size=min(3, p.numel()), replace=False):
+            values = []
+            for shift in (eps, -2 * eps, eps):
+                with torch.no_grad():
+                    p.view(-1)[flat] += shift
+                    w = [teacher.weights(o) for o in obs]
+                values.append(restricted_unrolled_reference(handle, transitions, w, val_indices, layers))
+            numeric = (values[0] - values[1]) / (2 * eps)
+            got = analytic[index].view(-1)[flat].item()
+            assert got == pytest.approx(numeric, rel=1e-4, abs=1e-9), f"param {index}[{flat}]: {got} vs {numeric}"
+            checked += abs(numeric) > 1e-8
+    assert checked >= 3, "the finite differences compared some non-zero gradients"
+
+
+def test_the_teacher_takes_the_closed_form_for_the_head_and_checks_its_premise(monkeypatch):
+    env = make_tensor_env(batch_size=16)
+    teacher = MetaGradTeacher(meta_layers="head", seed=0).train().attach(env.unwrapped.handle)
+    obs, _ = env.reset(seed=0)
+    env.step(teacher.act(obs))
+    transition = env.unwrapped.handle.last_transition
+    assert teacher.head_closed_form(transition)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic JVP ran")
+
+    monkeypatch.setattr(agents.meta_grad, "validation_alignment", generic)
+    teacher._window.append((transition, teacher._pending))
+    teacher.meta_step()  # takes the closed form: the generic path would raise
+    broken = MetaGradTeacher(meta_layers="head", seed=0).attach(env.unwrapped.handle)
+    scrambled = dataclasses.replace(transition, head_input=transition.head_input.flip(0))
+    with pytest.warns(UserWarning, match="not its head's input"):
+        assert not broken.head_closed_form(scrambled)
+
+
+def test_a_non_finite_meta_gradient_leaves_the_teacher_and_its_optimiser_untouched(monkeypatch):
+    env = make_tensor_env(batch_size=16)
+    teacher = MetaGradTeacher(seed=0).train().attach(env.unwrapped.handle)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
+        teacher.observe(reward, terminated, info)
+    before = [p.detach().clone() for p in teacher.net.parameters()]
+    state = {k: v.clone() for k, v in teacher.optimizer.state[teacher.net.out.weight].items()}
+    nan_grads = [torch.full_like(p, float("nan")) for p in teacher.net.parameters()]
+    monkeypatch.setattr(teacher, "meta_gradient", lambda: (torch.tensor(1.0), nan_grads))
+    scalars = teacher.meta_step()
+    assert float(scalars["meta_skipped"]) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.net.parameters()))
+    after = teacher.optimizer.state[teacher.net.out.weight]
+    assert all(torch.equal(state[k], after[k]) for k in state), "step count and moments unchanged"
+    ones = [torch.ones_like(p) for p in teacher.net.parameters()]
+    monkeypatch.setattr(teacher, "meta_gradient", lambda: (torch.tensor(1.0), ones))
+    assert float(teacher.meta_step()["meta_skipped"]) == 0.0
+    assert not torch.equal(before[0], next(teacher.net.parameters())), "a finite gradient does move the teacher"

@@ -102,3 +102,34 @@ def test_a_non_finite_loss_changes_nothing_and_ends_the_episode_at_the_next_eval
         _, _, terminated, _, info = env.step(torch.ones(16))
     _, reward, terminated, _, info = env.step(torch.ones(16))  # step 5 evaluates
     assert terminated and info["diverged"] and reward == env.divergence_penalty
+
+
+def test_a_pending_bad_action_and_divergence_survive_a_checkpoint():
+    """A saved episode keeps the device-side flags not yet read, so a resumed run still reports them."""
+    env = make_tensor_env(eval_every=5, reward="accuracy").unwrapped
+    env.reset(seed=0)
+    bad = torch.ones(16)
+    bad[0] = -1.0
+    env.step(bad)
+    env.handle.diverged.fill_(True)  # as after a non-finite loss
+    resumed = make_tensor_env(eval_every=5, reward="accuracy").unwrapped
+    resumed.load_state_dict(env.state_dict())
+    for _ in range(3):
+        resumed.step(torch.ones(16))
+    with pytest.raises(ValueError, match="the torch action at step 0 was not"):
+        resumed.step(torch.ones(16))
+    _, _, terminated, _, info = resumed.step(torch.ones(16))
+    assert terminated and info["diverged"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch.cuda.set_sync_debug_mode")
+@pytest.mark.parametrize("agent,options", TEACHERS[:4], ids=["uniform", "meta_grad", "meta_grad-head", "meta_grad-B3"])
+def test_on_a_gpu_a_teaching_step_never_synchronises(agent, options):
+    env = make_tensor_env(device="cuda", horizon=40, eval_every=20)
+    run = start(env, make_agent(agent, **options).to("cuda").train(agent != "uniform"), seed=0)
+    teach(run, 4)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        teach(run, 12)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
