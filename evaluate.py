@@ -211,8 +211,16 @@ class Job:
 
     @property
     def env_overrides(self) -> dict[str, Any]:
-        """The data pool its agent needs (clean-data baselines); loaded teachers train on the noisy data."""
-        return agent_class(self.agent_name).env_overrides if self.teacher_path is None else {}
+        """What its agent needs of the env (the clean-data baselines' data pool; no internal-state
+        features for teachers that do not read them); loaded teachers get the full default env."""
+        if self.teacher_path is not None:
+            return {}
+        return agent_class(self.agent_name).env_settings(self.agent_options)
+
+    @property
+    def agent_options(self) -> dict[str, Any]:
+        """The options its agent is built with: ``--agent-options`` for its label, then tuned values."""
+        return {**(self.cfg.agent_options or {}).get(self.agent, {}), **dict(self.options)}
 
     @property
     def agent_name(self) -> str:
@@ -249,8 +257,8 @@ def build_teacher(job: Job, env: Any, checkpoint: str | None = None) -> Teacher:
     if job.teacher_path is not None:
         teacher = load_teacher(checkpoint or job.teacher_path, env=env, device=env.unwrapped.device)
         return teacher.train(job.cfg.online and teacher.kind == "online")
-    values = {**(job.cfg.agent_options or {}).get(job.agent, {}), **dict(job.options)}
-    teacher = make_agent(job.agent_name, **options_for(job.agent_name, values, seed=job.seed)).to(env.unwrapped.device)
+    teacher = make_agent(job.agent_name, **options_for(job.agent_name, job.agent_options, seed=job.seed))
+    teacher = teacher.to(env.unwrapped.device)
     return teacher.train(teacher.kind == "online")
 
 

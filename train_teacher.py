@@ -131,7 +131,7 @@ def env_kwargs(cfg: Any, horizon: int, setting: dict[str, Any] | None = None) ->
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvSetting)} | (setting or {})
     return dict(
         **values, **cfg.student_env_kwargs(), horizon=horizon, reward=cfg.reward, threshold=cfg.threshold,
-        **agent_class(cfg.agent).env_overrides,
+        **agent_class(cfg.agent).env_settings(cfg.teacher_options),
     )  # fmt: skip
 
 

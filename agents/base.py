@@ -79,6 +79,9 @@ class Teacher:
     needs_batch_size: ClassVar[bool] = False  # the teacher's network is tied to the batch size it was built for
     reference: ClassVar[bool] = False  # a reference that reads diagnostics (the oracle), never a teacher
     env_overrides: ClassVar[dict[str, Any]] = {}  # Teaching-v0 arguments this agent needs (clean-data baselines)
+    # whether it reads the observation's internal-state features: True, False, or the name of the option
+    # (its teacher inputs) whose value "all" means it does
+    reads_internal: ClassVar[bool | str] = True
 
     def __init__(self, **options: Any):
         try:
@@ -91,6 +94,21 @@ class Teacher:
         self.handle: StudentHandle | None = None
         self.trained_on: dict | None = None  # observation spec of the env it learned on
         self.trained_env: dict | None = None  # config of that env (dataset, student, noise, ...)
+
+    @classmethod
+    def reads_internal_states(cls, options: dict[str, Any]) -> bool:
+        """Whether a teacher with ``options`` reads the observation's ``internal`` entry (see
+        ``reads_internal``): the env computes it only for those that do."""
+        if isinstance(cls.reads_internal, str):
+            default = {f.name: f.default for f in dataclasses.fields(cls.Options)}[cls.reads_internal]
+            return options.get(cls.reads_internal, default) == "all"
+        return cls.reads_internal
+
+    @classmethod
+    def env_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The ``Teaching-v0`` arguments a teacher with ``options`` needs: its ``env_overrides``, and
+        no internal-state features when it does not read them."""
+        return {**cls.env_overrides, **({} if cls.reads_internal_states(options) else {"internal_features": False})}
 
     def attach(self, handle: StudentHandle) -> Teacher:
         """Receive the env's student handle (``env.unwrapped.handle``); kept for the env's life."""

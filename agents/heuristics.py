@@ -31,6 +31,8 @@ def _progress(obs: dict) -> float:
 class UniformTeacher(Teacher):
     """No teaching: every sample weighs 1 (plain training)."""
 
+    reads_internal = False
+
     name = "uniform"
 
     def act(self, obs: dict) -> torch.Tensor:
@@ -46,6 +48,8 @@ class SelfPacedOptions:
 class SelfPacedTeacher(Teacher):
     """Self-paced learning (Kumar et al. 2010): train on the easiest samples first, admitting a
     growing fraction, linearly from ``start_fraction`` of each batch to all of it over the episode."""
+
+    reads_internal = False  # the loss alone
 
     name = "spl"
     Options = SelfPacedOptions
@@ -65,6 +69,8 @@ class SmallLossTeacher(Teacher):
     """Small-loss selection (as in Co-teaching, Han et al. 2018): drop the ``forget_rate`` highest-loss
     samples of each batch, ramping the rate up linearly over the first ``warmup`` of the episode."""
 
+    reads_internal = False  # the loss alone
+
     name = "small_loss"
     Options = SmallLossOptions
 
@@ -77,6 +83,8 @@ class OracleReference(Teacher):
     """Not a teacher: weight 1 for every sample whose given label is correct, 0 for a corrupted one,
     read from the env's diagnostic corruption mask. It shows the headroom of a setting (what perfect
     separation of clean from corrupted labels buys) and is labelled as a reference in every report."""
+
+    reads_internal = False
 
     name = "oracle"
     needs_handle = True

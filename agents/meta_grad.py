@@ -150,6 +150,8 @@ class MetaGradTeacher(Teacher):
     """L2T-DIN: weights from internal + surface features, trained by exact meta-gradients through
     the last ``unroll`` real student updates."""
 
+    reads_internal = "features"
+
     name = "meta_grad"
     kind = "online"
     Options = MetaGradOptions
@@ -403,6 +405,8 @@ class MetaWeightNetTeacher(MetaGradTeacher):
     """Meta-Weight-Net (Shu et al. 2019): loss -> 100 hidden units -> sigmoid weight, one-step
     meta-gradient. The same machinery as ``meta_grad`` with surface loss as the only input."""
 
+    reads_internal = False  # the loss alone
+
     name = "mwnet"
     Options = MetaWeightNetOptions
 
@@ -428,6 +432,8 @@ class ReweightTeacher(Teacher):
     students on MNIST and mnist1d collapse to chance, at lr 0.02 they train normally (measured).
     Benchmarks therefore tune the student's rate per agent (``evaluate.py --tune``).
     """
+
+    reads_internal = False
 
     name = "l2rw"
     kind = "fixed"  # its weights are computed afresh at every step; nothing is learned or saved

@@ -77,6 +77,8 @@ class ReinforceOptions:
 class ReinforceTeacher(Teacher):
     """L2T: Bernoulli keep/drop per sample from a shared policy, trained by REINFORCE with a baseline."""
 
+    reads_internal = "features"
+
     name = "reinforce"
     kind = "episodic"
     Options = ReinforceOptions

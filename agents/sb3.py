@@ -123,6 +123,8 @@ class SB3Options:
 class SB3Teacher(Teacher):
     """A stable-baselines3 on-policy algorithm with the per-sample policy."""
 
+    reads_internal = "features"
+
     name = "sb3"
     kind = "episodic"
     Options = SB3Options

@@ -21,6 +21,7 @@ import resource
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import students.data  # noqa: E402
 from agents import make_agent  # noqa: E402
+from agents.base import agent_class  # noqa: E402
 from agents.loop import start, teach  # noqa: E402
 from benchmarks.common import DATA_ROOT, interleaved, machine, plain_training_step, save, sync  # noqa: E402
 from envs import env_factory  # noqa: E402
@@ -55,18 +57,19 @@ def cifar_shaped(name: str, data_root, download) -> tuple[np.ndarray, ...]:
     return x, rng.integers(0, 10, 50_000), x[:10_000], rng.integers(0, 10, 10_000)
 
 
-def make_env(config: dict, batch_size: int, device: torch.device):
+def make_env(config: dict, batch_size: int, device: torch.device, **overrides: Any):
     env = env_factory(
         **config, batch_size=batch_size, horizon=10**9, eval_every=10**9, device=str(device), data_root=str(DATA_ROOT),
-        tensor_obs=True, disable_env_checker=True,
+        tensor_obs=True, disable_env_checker=True, **overrides,
     )()  # fmt: skip
     obs, _ = env.reset(seed=0)
     return env, obs
 
 
 def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, device: torch.device):
-    """A closure doing one full teaching step (``agents.loop.teach``) on its own env and teacher."""
-    env, _ = make_env(config, batch_size, device)
+    """A closure doing one full teaching step (``agents.loop.teach``) on its own env and teacher (the
+    env computes what the teacher reads, as in ``evaluate.py``)."""
+    env, _ = make_env(config, batch_size, device, **agent_class(agent).env_settings(kwargs))
     teacher = make_agent(agent, **kwargs, val_batch=batch_size).to(device)
     run = start(env, teacher.train(teacher.kind == "online"), seed=0)
     return lambda: teach(run, 1)

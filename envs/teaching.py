@@ -148,6 +148,7 @@ class TeachingEnv(gym.Env):
         train_pool: str = "noisy",
         finetune_fraction: float = 0.2,
         select_fraction: float = 0.0,
+        internal_features: bool = True,
     ):
         """
         :param dataset: one of ``students.data.DATASETS``.
@@ -170,6 +171,9 @@ class TeachingEnv(gym.Env):
         :param select_fraction: share of the clean validation split held out as a ``select`` split that
             no teacher and no data pool ever uses; evaluations report ``select_acc`` on it, so that
             benchmarks select checkpoints and tune on data no method trained on (0: none).
+        :param internal_features: compute the ``internal`` entry; False leaves it at zeros, for teachers
+            that do not read hidden states (``Teacher.reads_internal_states``), which on a small
+            student saves most of the observation's cost.
         """
         if horizon < 1 or eval_every < 1:
             raise ValueError(f"horizon and eval_every must be >= 1, got {horizon} and {eval_every}")
@@ -200,13 +204,13 @@ class TeachingEnv(gym.Env):
             horizon=horizon, reward=reward, threshold=threshold, eval_every=eval_every, lr=lr, momentum=momentum,
             weight_decay=weight_decay, lr_schedule=lr_schedule, val_size=val_size, train_size=train_size,
             student_kwargs=self.student_kwargs, seed=seed, dtype=dtype, train_pool=train_pool,
-            finetune_fraction=finetune_fraction, select_fraction=select_fraction,
+            finetune_fraction=finetune_fraction, select_fraction=select_fraction, internal_features=internal_features,
         )  # fmt: skip
         self.batch_size, self.horizon, self.eval_every, self.seed = batch_size, horizon, eval_every, seed
         self.sgd = SGDConfig(lr, momentum, weight_decay, lr_schedule)
         self.handle = StudentHandle(self.data, pool, pool_corrupted, self.sgd)
         self.reward_fn = make_reward(reward, horizon, self.data.num_classes, threshold)
-        self.tensor_obs, self.divergence_penalty = tensor_obs, divergence_penalty
+        self.tensor_obs, self.divergence_penalty, self.internal_features = tensor_obs, divergence_penalty, internal_features
         self.action_space = spaces.Box(0.0, 1.0, (batch_size,), np.float32)
         self.observation_space = spaces.Dict(
             {key: observation_box(table, None if key == "global" else batch_size) for key, table in FEATURE_TABLES.items()}
@@ -214,6 +218,7 @@ class TeachingEnv(gym.Env):
         self._bounds = {
             k: tuple(torch.as_tensor(b, device=self.device) for b in feature_bounds(t)) for k, t in FEATURE_TABLES.items()
         }
+        self._no_internal = torch.zeros(self.observation_space["internal"].shape, device=self.device)
         self._seeded = False
         self.t, self._has_diverged = 0, False
 
@@ -321,7 +326,7 @@ class TeachingEnv(gym.Env):
         raw = {
             "global": self._global_features(),
             "samples": self.features.samples(logits.detach(), y, indices),
-            "internal": self.features.internal(list(hidden.values()), y),
+            "internal": self.features.internal(list(hidden.values()), y) if self.internal_features else self._no_internal,
         }
         self._last_obs = {key: clip_to_bounds(value, self._bounds[key]) for key, value in raw.items()}
         return self._convert(self._last_obs)

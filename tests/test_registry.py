@@ -105,3 +105,52 @@ def test_both_clis_share_one_env_setting_with_one_set_of_defaults():
     for name in ("dataset", "student", "noise", "noise_rate", "seed", "device", "data_root", "batch_size", "lr", "val_size"):
         assert train[name] == bench[name], name
     assert json.dumps(train["device"]) == '"auto"'
+
+
+@pytest.mark.parametrize(
+    "agent,options,reads",
+    [
+        ("meta_grad", {}, True),
+        ("meta_grad", {"features": "surface"}, False),
+        ("meta_grad", {"features": "loss"}, False),
+        ("mwnet", {}, False),
+        ("l2rw", {}, False),
+        ("reinforce", {}, True),
+        ("ppo", {"features": "surface"}, False),
+        ("uniform", {}, False),
+        ("small_loss", {}, False),
+        ("oracle", {}, False),
+    ],
+)
+def test_the_env_computes_internal_states_only_for_teachers_that_read_them(agent, options, reads):
+    settings = agent_class(agent).env_settings(options)
+    assert settings.get("internal_features", True) is reads
+    env = make_tensor_env(**settings)
+    teacher = make_agent(agent, **options)
+    if teacher.kind == "episodic":  # acts only once trained
+        obs, _ = env.reset(seed=0)
+    else:
+        obs = teach(start(env, teacher.train(teacher.kind == "online"), seed=0), 3).obs  # it acts on what it gets
+    assert bool(obs["internal"].abs().sum() > 0) is reads
+
+
+def test_a_clean_data_baseline_keeps_its_data_pool_and_drops_internal_states():
+    assert agent_class("finetune").env_settings({}) == {
+        "train_pool": "finetune",
+        "finetune_fraction": 0.2,
+        "internal_features": False,
+    }
+
+
+def test_without_internal_states_every_other_entry_is_unchanged():
+    full, lean = make_tensor_env(), make_tensor_env(internal_features=False)
+    for env in (full, lean):
+        env.reset(seed=3)
+    weights = torch.linspace(0.1, 1.0, 16)
+    for _ in range(5):
+        a, b = full.step(weights)[0], lean.step(weights)[0]
+        assert torch.equal(a["samples"], b["samples"]) and torch.equal(a["global"], b["global"])
+        assert torch.equal(b["internal"], torch.zeros_like(b["internal"]))
+    assert all(
+        torch.equal(full.unwrapped.handle.params[k], lean.unwrapped.handle.params[k]) for k in full.unwrapped.handle.params
+    )
