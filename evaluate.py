@@ -430,11 +430,13 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
             env = env_for(job)
         except ValueError as e:
             raise ValueError(f"{e} ({where})") from e
-        if job.teacher_path is not None:
-            try:
+        try:
+            if job.teacher_path is not None:
                 load_teacher(job.teacher_path, env=env)
-            except CheckpointError as e:
-                raise CheckpointError(f"{e} ({where})") from e
+            else:
+                make_agent(job.agent_name, **options_for(job.agent_name, job.agent_options)).check_env(env)
+        except (CheckpointError, ValueError) as e:
+            raise type(e)(f"{e} ({where})") from e
     for path in {job.teacher_path for job in jobs if job.teacher_path is not None}:
         lo, hi = read_checkpoint(path)["extra"].get("seeds_used", [None, None])
         ours = range(cfg.seed, cfg.seed + cfg.seeds)

@@ -222,6 +222,8 @@ def build_online(cfg: Any) -> tuple[list[gym.Env], Teacher]:
         for s in cfg.settings
     ]
     teacher = make_agent(cfg.agent, **cfg.teacher_options).to(envs[0].unwrapped.device)
+    for env in envs:
+        teacher.check_env(env)
     return envs, teacher.train(cfg.kind == "online")
 
 

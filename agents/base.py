@@ -154,7 +154,8 @@ class Teacher:
         pass
 
     def check_env(self, env: Any) -> None:
-        """Raise ``CheckpointError`` naming the difference if this teacher cannot act on ``env``."""
+        """Raise ``CheckpointError`` (a trained teacher) or ``ValueError`` (an option) naming the difference
+        if this teacher cannot act on ``env``; the CLIs call it before anything trains."""
         if self.trained_on is None:
             return
         current = observation_spec(env)

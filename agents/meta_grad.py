@@ -42,6 +42,7 @@ from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
 from runconfig import field
 from students.functional import WEIGHT_SUM_EPS, Params, parameter_layers, sgd_update
 from students.handle import StudentHandle, Transition
+from students.models import make_student
 
 # PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
 # warning is about PyTorch internals, not about anything a user of this package can change.
@@ -219,6 +220,13 @@ class MetaGradTeacher(Teacher):
                 )
             self._head_checked = (self.handle.student, fits)
         return self._head_checked[1]
+
+    def check_env(self, env: Any) -> None:
+        """Also refuse, before anything trains, ``meta_layers`` asking for more layers than the env's student has."""
+        super().check_env(env)
+        u = env.unwrapped
+        student = make_student(u.student_name, u.data.input_shape, u.data.num_classes, **u.student_kwargs)
+        meta_parameters(dict(student.named_parameters()), self.hp.meta_layers)
 
     def to(self, device: torch.device | str) -> MetaGradTeacher:
         self.device = torch.device(device)
