@@ -50,6 +50,8 @@ rate of every agent (lr in {0.03, 0.1}) and the teacher learning rate of `mwnet`
 accuracy at the evaluation with the best accuracy on the held-out selection split. Δ: paired by
 seed, mean [95% t-interval] (wins/ties/losses, ties within 0.5 points); against the best
 clean-data baseline on final accuracy, that baseline chosen by its mean final test accuracy.
+`time x` (time per student step relative to `uniform`) is wall-clock time of runs that share the 2
+cores with other runs: indicative only; `benchmarks/teach_step.py` measures costs side by side.
 """
 
 
