@@ -421,7 +421,9 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
     setting, or if it would meet a student of its own training (same seeds)."""
     seen = set()
     for job in jobs:
-        key = (job.teacher_path, json.dumps(job.setting, sort_keys=True), json.dumps(job.env_overrides, sort_keys=True))
+        # a fresh agent is checked per label (its options may differ from another agent's on the same env)
+        agent = job.agent if job.teacher_path is None else None
+        key = (job.teacher_path, agent, json.dumps(job.setting, sort_keys=True), json.dumps(job.env_overrides, sort_keys=True))
         if key in seen:
             continue
         seen.add(key)

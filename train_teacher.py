@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.kind == "episodic":
             env = env_factory(**env_kwargs(cfg, rl_horizon(cfg)))()
             teacher = make_agent(cfg.agent, **cfg.teacher_options)
+            teacher.check_env(env)
         else:
             env, teacher = build_online(cfg)  # one env per setting
         if saved is not None and saved["extra"]["step"] > cfg.steps:

@@ -423,8 +423,10 @@ class TeachingEnv(gym.Env):
     def load_state_dict(self, state: dict[str, Any]) -> tuple[dict, dict]:
         """Restore an episode saved by ``state_dict`` (same env config); returns what ``reset``
         returns: its observation and info."""
-        if state["config"] != self.config:
-            changed = sorted(k for k in self.config if state["config"].get(k) != self.config[k])
+        # internal_features changes only what the observation computes, never the student's trajectory
+        # (and states saved before it existed lack it)
+        changed = sorted(k for k in self.config if k != "internal_features" and state["config"].get(k) != self.config[k])
+        if changed:
             raise ValueError(f"saved env state was made with a different config (differs in: {', '.join(changed)})")
         if self.handle.student is None:
             self.reset()

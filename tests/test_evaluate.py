@@ -149,6 +149,7 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--agents", "uniform,clean_only", "--val-size", "10"], "smallest data pool of train_pool 'clean'"),
         (["--agent-options", "{mwnet: {hidden: 0}}", "--agents", "mwnet"], "hidden must be >= 1"),
         (["--agent-options", "{meta_grad: {meta_layers: 'last:9'}}", "--agents", "meta_grad"], "asks for 9 layers"),
+        (["--agent-options", "{meta_grad@x: {meta_layers: 'last:9'}}", "--agents", "meta_grad,meta_grad@x"], "asks for 9 layers"),
         (["--leave-one-out", "meta_grad"], "at least two settings"),
         (["--leave-one-out", "uniform", "--grid", "{noise: [symmetric, pairflip]}"], "not one"),
         (["--seeds", "0"], "--seeds must be >= 1"),

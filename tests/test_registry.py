@@ -154,3 +154,16 @@ def test_without_internal_states_every_other_entry_is_unchanged():
     assert all(
         torch.equal(full.unwrapped.handle.params[k], lean.unwrapped.handle.params[k]) for k in full.unwrapped.handle.params
     )
+
+
+def test_an_episode_saved_before_the_internal_features_switch_still_resumes():
+    env = make_tensor_env(internal_features=False)
+    env.reset(seed=0)
+    env.step(torch.ones(16))
+    state = env.unwrapped.state_dict()
+    del state["config"]["internal_features"]  # as written by earlier versions
+    obs, _ = make_tensor_env(internal_features=False).unwrapped.load_state_dict(state)
+    assert torch.equal(obs["samples"], env.unwrapped.state_dict()["obs"]["samples"])
+    state["config"]["lr"] = 0.5  # any other difference is still refused
+    with pytest.raises(ValueError, match="differs in: lr"):
+        make_tensor_env(internal_features=False).unwrapped.load_state_dict(state)
