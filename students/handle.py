@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from students.data import Dataset, Split, to_device
 from students.functional import FunctionalStudent, Params, SGDConfig, sgd_update
+from students.models import head_input
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class StudentHandle:
         x, y = self.pool.x[self.batch_indices], self.pool.y[self.batch_indices]
         logits, hidden = self.student.forward(self.params, buffers, x, train=True)
         self.batch_losses = F.cross_entropy(logits, y, reduction="none")
-        self.batch_outputs = (logits.detach(), next(reversed(hidden.values())).detach())
+        self.batch_outputs = (logits.detach(), head_input(hidden).detach())
         return logits, hidden, y
 
     def update(self, weights: torch.Tensor, differentiable: bool, valid: torch.Tensor | None = None) -> None:
@@ -147,7 +148,7 @@ class StudentHandle:
         buffers untouched), for meta-gradients through the output layer alone."""
         scratch = {n: b.clone() for n, b in self.buffers.items()}
         logits, hidden = self.student.forward(params, scratch, self.data.val.x[indices], train=True)
-        return logits, next(reversed(hidden.values()))
+        return logits, head_input(hidden)
 
     def corrupted_in_batch(self) -> torch.Tensor:
         """Which given labels of the current batch are wrong. A diagnostic: only the ``oracle``

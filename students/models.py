@@ -18,6 +18,12 @@ from students.data import check_name
 Hidden = dict[str, torch.Tensor]
 
 
+def head_input(hidden: Hidden) -> torch.Tensor:
+    """The input of the output layer ``head``: the last entry of ``hidden`` for every built-in student
+    (meta-gradients through the head alone rely on it, and check it once per student)."""
+    return next(reversed(hidden.values()))
+
+
 class MLP(nn.Module):
     """Fully connected ReLU network on the flattened input; fits every dataset."""
 
