@@ -119,8 +119,10 @@ class EvalConfig(EnvSetting, StudentTraining):
         if not all(isinstance(v, dict) for v in options.values()):
             raise ValueError(f"--agent-options must map agent -> {{option: value}}, got {options!r}")
         for agent, values in options.items():
-            if agent not in self.agent_names:
-                raise ValueError(f"--agent-options names {agent!r}, which is not in --agents ({self.agents})")
+            if agent not in self.agent_names and agent != self.leave_one_out:
+                raise ValueError(
+                    f"--agent-options names {agent!r}, which is neither in --agents ({self.agents}) nor --leave-one-out"
+                )
             make_agent(base_agent(agent), **options_for(base_agent(agent), values))  # refuses bad options by name
         for path in self.teacher_paths:
             if not Path(path).exists():
@@ -391,7 +393,11 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
     flags = [arg for name, value in student.items() if value is not None for arg in (f"--{name.replace('_', '-')}", str(value))]
     for option, value in ((cfg.agent_options or {}).get(cfg.leave_one_out) or {}).items():
         flag = option.replace("_", "-")
-        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", json.dumps(value)]
+        flags += (
+            [f"--{flag}" if value else f"--no-{flag}"]
+            if isinstance(value, bool)
+            else [f"--{flag}", value if isinstance(value, str) else json.dumps(value)]
+        )
     flags += ["--data-root", cfg.data_root] if cfg.data_root else []
     flags += ["--download"] if cfg.download else []
     paths = {}

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 import evaluate
 import reporting
@@ -246,7 +247,8 @@ def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, m
 
 def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
     rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", "{noise: [symmetric, pairflip]}",
-                     "--leave-one-out", "meta_grad", "--pretrain-steps", "40")  # fmt: skip
+                     "--leave-one-out", "meta_grad", "--pretrain-steps", "40",
+                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}")  # fmt: skip
     held_out = [r for r in rows if r["agent"] == "meta_grad@held-out"]
     assert {(r["noise"], r["trained_on"]) for r in held_out} == {
         ("symmetric", "digits/mlp/pairflip 0.4 (seeds 10000-10000)"),
@@ -254,7 +256,11 @@ def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
     }
     assert all(not r["online"] for r in held_out), "evaluated frozen"
     assert "## Transfer pairs" in (tmp_path / "report" / "report.md").read_text()
-    assert len(list((tmp_path / "report" / "pretrained").iterdir())) == 2
+    pretrained = list((tmp_path / "report" / "pretrained").iterdir())
+    assert len(pretrained) == 2
+    for run in pretrained:  # the pre-trained teachers have the options given to the --leave-one-out agent
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert (config["meta_layers"], config["hidden"]) == ("head", 16)
 
 
 def test_variants_of_one_agent_run_side_by_side_with_their_own_options(tmp_path):
