@@ -61,7 +61,6 @@ CENTROID_MOMENTUM = 0.9
 RUNNING_MOMENTUM = 0.9
 LOSS_HISTORY_MOMENTUM = 0.5
 NEIGHBOURS = 5
-TOPK_HEAP_ROW = 64  # PyTorch's CPU topk uses a heap (partial_sort) for rows of at least 64 k elements
 
 
 class ObservationBuilder:
@@ -170,11 +169,6 @@ def _knn_agreement(unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.ones(unit.shape[:2], device=unit.device)
     similarity = unit @ unit.transpose(1, 2)
     similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
-    if similarity.device.type == "cpu" and similarity.shape[2] < TOPK_HEAP_ROW * k:
-        # PyTorch's CPU topk selects in rows shorter than 64 k with nth_element, which mispredicts
-        # branches on fresh data (measured 1.2 us per 128-long row); rows padded with a value below every
-        # cosine and below the diagonal (never chosen) take its heap path instead, 3x faster in all
-        similarity = F.pad(similarity, (0, TOPK_HEAP_ROW * k - similarity.shape[2]), value=-4.0)
     neighbours = similarity.topk(k, dim=2).indices
     return (labels[neighbours] == labels[:, None]).float().mean(2)
 
