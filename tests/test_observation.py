@@ -63,9 +63,12 @@ class Specification:
         for i, (u, y) in enumerate(zip(units, labels)):
             own = cosine(u, previous[y])
             other = max(cosine(u, previous[c]) for c in range(self.k) if c != y)
-            others = sorted((j for j in range(n) if j != i), key=lambda j: -float(u @ units[j]))
-            nearest = others[: min(NEIGHBOURS, n - 1)]
-            agree = sum(labels[j] == y for j in nearest) / len(nearest)
+            if norms[i] > 0:  # an all-zero hidden state is no one's neighbour
+                others = sorted((j for j in range(n) if j != i), key=lambda j: -float(u @ units[j]) if norms[j] > 0 else 2.0)
+                nearest = others[: min(NEIGHBOURS, n - 1)]
+                agree = sum(labels[j] == y for j in nearest) / len(nearest)
+            else:  # ... and has no neighbours of its own: the share of the other samples with its label
+                agree = sum(labels[j] == y for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
             rows.append([math.log(norms[i] + 1e-8) - mean_log_norm, own, other, own - other, agree])
         return torch.tensor(rows, dtype=torch.float64)
 
@@ -117,3 +120,22 @@ def test_restored_builder_continues_identically():
     torch.testing.assert_close(
         restored.internal(list(batch[1].values()), batch[2]), builder.internal(list(batch[1].values()), batch[2])
     )
+
+
+def test_all_zero_hidden_states_decide_no_feature_by_tie_breaking():
+    """Dead ReLU units leave some samples with all-zero hidden states, at cosine 0 from every other
+    sample. Their features follow the specification, and permuting the batch permutes the
+    features exactly (no neighbour is chosen among ties, which topk may break either way)."""
+    generator = torch.Generator().manual_seed(0)
+    n, k = 40, 4
+    labels = torch.randint(0, k, (n,), generator=generator)
+    hidden = [torch.rand(n, 12, generator=generator).relu() ** 3, torch.rand(n, 7, generator=generator) - 0.3]
+    hidden[0][::5] = 0.0  # dead samples in the deeper layer
+    hidden[1][1::3] = 0.0  # and others in the second-to-last
+    got = ObservationBuilder(n, k, "cpu").internal(hidden, labels)
+    want = Specification(n, k).internal(hidden, labels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    for seed in range(3):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        permuted = ObservationBuilder(n, k, "cpu").internal([h[perm] for h in hidden], labels[perm])
+        torch.testing.assert_close(permuted, got[perm], rtol=1e-6, atol=1e-6)
