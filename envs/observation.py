@@ -53,7 +53,8 @@ _LAYER_FEATURES = (
     (
         "knn_agree",
         "fraction of the sample's 5 nearest batch neighbours (cosine) that share its label; an all-zero hidden "
-        "state is no one's neighbour and gets the share of the batch's other samples with its label",
+        "state is no one's neighbour and, like a sample with no live neighbour, gets the share of the batch's "
+        "other samples with its label",
         0,
         1,
     ),
@@ -76,7 +77,7 @@ class ObservationBuilder:
 
     Small students make the cost of an observation one of tensor-op count, not of arithmetic, so
     the two hidden layers are handled as one zero-padded (2, batch, width) stack (padding changes no
-    norm or cosine) and class statistics come from one one-hot matrix: about 40 ops per step, none
+    norm or cosine) and class statistics come from one one-hot matrix: about 50 ops per step, none
     of which reads a value back to the host.
     """
 
@@ -180,8 +181,10 @@ def _knn_agreement(unit: torch.Tensor, has_direction: torch.Tensor, labels: torc
 
     A sample whose hidden state is all zeros (``has_direction`` False: common once ReLU units die) is
     at cosine 0 from every other, so its neighbours would be decided by how ``topk`` breaks ties. It
-    is therefore no one's neighbour (its column sits below every cosine), and its own value is the
-    share of the batch's other samples with its label, what neighbours drawn at random would give.
+    is therefore no one's neighbour (its column sits below every cosine, and a sample with fewer than
+    k other live samples averages over those), and its own value, like that of a sample with no live
+    neighbour, is the share of the batch's other samples with its label, what neighbours drawn at
+    random would give. (Exact ties between live samples, e.g. identical inputs, are topk's to break.)
     """
     n = len(labels)
     k = min(NEIGHBOURS, n - 1)
@@ -195,10 +198,12 @@ def _knn_agreement(unit: torch.Tensor, has_direction: torch.Tensor, labels: torc
         # branches on fresh data (measured 1.2 us per 128-long row); rows padded with a value below
         # everything else (never chosen) take its heap path instead, 3x faster in all
         similarity = F.pad(similarity, (0, TOPK_HEAP_ROW * k - similarity.shape[2]), value=-4.0)
-    neighbours = similarity.topk(k, dim=2).indices
-    agree = (labels[neighbours] == labels[:, None]).float().mean(2)
+    nearest = similarity.topk(k, dim=2)
+    live = nearest.values > -1.5  # a live neighbour (cosine in [-1, 1]), not a dead sample's column (-2)
+    live_count = live.sum(2)
+    agree = ((labels[nearest.indices] == labels[:, None]) & live).sum(2) / live_count.clamp(min=1)
     random_neighbours = (same_label.sum(1) - 1) / (n - 1)
-    return torch.where(has_direction, agree, random_neighbours.to(agree.dtype))
+    return torch.where(has_direction & (live_count > 0), agree, random_neighbours).float()
 
 
 def feature_bounds(table: tuple) -> tuple[np.ndarray, np.ndarray]:

@@ -63,12 +63,14 @@ class Specification:
         for i, (u, y) in enumerate(zip(units, labels)):
             own = cosine(u, previous[y])
             other = max(cosine(u, previous[c]) for c in range(self.k) if c != y)
-            if norms[i] > 0:  # an all-zero hidden state is no one's neighbour
-                others = sorted((j for j in range(n) if j != i), key=lambda j: -float(u @ units[j]) if norms[j] > 0 else 2.0)
-                nearest = others[: min(NEIGHBOURS, n - 1)]
+            live = [j for j in range(n) if j != i and norms[j] > 0]  # an all-zero hidden state is no one's neighbour
+            nearest = sorted(live, key=lambda j: -float(u @ units[j]))[:NEIGHBOURS]
+            if n == 1:
+                agree = 1.0
+            elif norms[i] > 0 and nearest:
                 agree = sum(labels[j] == y for j in nearest) / len(nearest)
-            else:  # ... and has no neighbours of its own: the share of the other samples with its label
-                agree = sum(labels[j] == y for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
+            else:  # no direction, or no live neighbour: the share of the other samples with its label
+                agree = sum(labels[j] == y for j in range(n) if j != i) / (n - 1)
             rows.append([math.log(norms[i] + 1e-8) - mean_log_norm, own, other, own - other, agree])
         return torch.tensor(rows, dtype=torch.float64)
 
@@ -129,9 +131,15 @@ def test_all_zero_hidden_states_decide_no_feature_by_tie_breaking():
     generator = torch.Generator().manual_seed(0)
     n, k = 40, 4
     labels = torch.randint(0, k, (n,), generator=generator)
-    hidden = [torch.rand(n, 12, generator=generator).relu() ** 3, torch.rand(n, 7, generator=generator) - 0.3]
-    hidden[0][::5] = 0.0  # dead samples in the deeper layer
-    hidden[1][1::3] = 0.0  # and others in the second-to-last
+    # deeper layer: two opposite clusters, so that most live neighbours are at a negative cosine, below
+    # a dead sample's 0 (the dead must still not be chosen), and a minority cluster of 3 samples
+    side = torch.where(torch.arange(n) < 3, 1.0, -1.0)[:, None]
+    deep = side * torch.ones(n, 12) + 0.3 * torch.randn(n, 12, generator=generator)
+    deep[3::4] = 0.0  # dead samples
+    # second-to-last layer: only 3 live samples, fewer than the 5 neighbours asked for
+    penult = torch.zeros(n, 7)
+    penult[[0, 7, 20]] = torch.rand(3, 7, generator=generator) + 0.1
+    hidden = [deep, penult]
     got = ObservationBuilder(n, k, "cpu").internal(hidden, labels)
     want = Specification(n, k).internal(hidden, labels)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
