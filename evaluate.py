@@ -84,7 +84,9 @@ class EvalConfig(EnvSetting, StudentTraining):
         parse=yaml_value,
     )
     leave_one_out: str | None = field(
-        None, "pre-train this agent on all settings of the grid but one, and evaluate it frozen on the one left out"
+        None,
+        "pre-train this agent on all settings of the grid but one, and evaluate it frozen on the one left out (its "
+        "--agent-options entry applies to the pre-trainings, and to its online runs if it is in --agents too)",
     )
     pretrain_steps: int = field(6000, "--leave-one-out: student updates of each pre-training (episodes of --steps)", low=1)
     pretrain_seed: int = field(10_000, "--leave-one-out: seed of the pre-trainings (disjoint from the reported seeds)", low=0)
@@ -392,6 +394,8 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
     flags = [arg for name, value in student.items() if value is not None for arg in (f"--{name.replace('_', '-')}", str(value))]
     for option, value in ((cfg.agent_options or {}).get(cfg.leave_one_out) or {}).items():
+        if value is None:  # unset, as in validation: the agent's default
+            continue
         flag = option.replace("_", "-")
         flags += (
             [f"--{flag}" if value else f"--no-{flag}"]

@@ -248,7 +248,7 @@ def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, m
 def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
     rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", "{noise: [symmetric, pairflip]}",
                      "--leave-one-out", "meta_grad", "--pretrain-steps", "40",
-                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}")  # fmt: skip
+                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16, init_weight: null}}")  # fmt: skip
     held_out = [r for r in rows if r["agent"] == "meta_grad@held-out"]
     assert {(r["noise"], r["trained_on"]) for r in held_out} == {
         ("symmetric", "digits/mlp/pairflip 0.4 (seeds 10000-10000)"),
