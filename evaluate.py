@@ -385,6 +385,21 @@ def teacher_labels(paths: list[str]) -> dict[str, str]:
     }
 
 
+def as_flags(values: dict[str, Any]) -> list[str]:
+    """``values`` as train_teacher.py flags: None is skipped (the default, as in validation), a bool
+    is --name or --no-name, a string goes as it is, anything else as JSON (the flags read YAML)."""
+    flags = []
+    for name, value in values.items():
+        flag = name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", value if isinstance(value, str) else json.dumps(value)]
+    return flags
+
+
 def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
     """For every setting S of the grid, a ``--leave-one-out`` teacher pre-trained by train_teacher.py
     on the other settings (episodes of ``--steps`` updates, cycling) in ``out/pretrained/<i>``; a
@@ -392,16 +407,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
     import train_teacher
 
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
-    flags = [arg for name, value in student.items() if value is not None for arg in (f"--{name.replace('_', '-')}", str(value))]
-    for option, value in ((cfg.agent_options or {}).get(cfg.leave_one_out) or {}).items():
-        if value is None:  # unset, as in validation: the agent's default
-            continue
-        flag = option.replace("_", "-")
-        flags += (
-            [f"--{flag}" if value else f"--no-{flag}"]
-            if isinstance(value, bool)
-            else [f"--{flag}", value if isinstance(value, str) else json.dumps(value)]
-        )
+    flags = as_flags(student) + as_flags((cfg.agent_options or {}).get(cfg.leave_one_out) or {})
     flags += ["--data-root", cfg.data_root] if cfg.data_root else []
     flags += ["--download"] if cfg.download else []
     paths = {}
