@@ -17,7 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    for script in ("env_overhead.py", "teach_step.py"):
+    for script in ("env_overhead.py", "teach_step.py", "cnn_layout.py"):
         print(f"== {script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), "--device", args.device], check=True)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from agents import AGENTS, make_agent
 from agents.diagnostics import auroc
@@ -46,6 +47,34 @@ def test_cnn_handles_signals_and_refuses_flat_inputs():
     assert logits.shape == (2, 10)
     with pytest.raises(ValueError, match="use 'mlp'"):
         make_student("cnn", (64,), 10)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 12), (2, 16)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_cnn_pools_before_relu_with_the_values_and_gradients_of_relu_then_pool(shape, grad):
+    """The student pools first (channels-last on 2-D maps); values and gradients are those of the
+    textbook order, with and without autograd (the channels-last path is taken without)."""
+    torch.manual_seed(0)
+    model = make_student("cnn", shape, 5, channels=[3, 4], fc=6).double()
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    pool = F.max_pool2d if len(shape) == 3 else F.max_pool1d
+
+    def textbook(x):
+        h = pool(F.relu(model.conv1(x)), 2)
+        h = pool(F.relu(model.conv2(h)), 2)
+        fc = F.relu(model.fc(h.flatten(1)))
+        return model.head(fc), h.flatten(2).mean(-1), fc
+
+    with torch.set_grad_enabled(grad):
+        logits, hidden = model(x)
+        expected = textbook(x)
+    for got, want in zip((logits, hidden["conv2"], hidden["fc"]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    if grad:
+        ours = torch.autograd.grad(logits.square().sum(), list(model.parameters()))
+        reference = torch.autograd.grad(expected[0].square().sum(), list(model.parameters()))
+        for got, want in zip(ours, reference):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
 
 
 def _obs(losses: list[float], progress: float) -> dict:
