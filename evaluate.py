@@ -90,6 +90,12 @@ class EvalConfig(EnvSetting, StudentTraining):
     )
     pretrain_steps: int = field(6000, "--leave-one-out: student updates of each pre-training (episodes of --steps)", low=1)
     pretrain_seed: int = field(10_000, "--leave-one-out: seed of the pre-trainings (disjoint from the reported seeds)", low=0)
+    pretrain_seeds: int = field(
+        1,
+        "--leave-one-out: pre-trainings per held-out setting, on disjoint seed ranges; each is reported as "
+        "<agent>@held-out#k, and the report adds the spread between them (a transfer result varies with the pre-training)",
+        low=1,
+    )
     seeds: int = field(3, "reported seeds per (setting, agent): seed, seed + 1, ...", low=1)
     steps: int = field(2000, "student updates per run", low=1)
     tune: dict | None = field(
@@ -356,11 +362,12 @@ def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, 
     return chosen, table
 
 
-def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str, str] | None = None) -> list[Job]:
+def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str, dict[str, str]] | None = None) -> list[Job]:
     """Every reported (setting, seed, agent or loaded teacher) job, at the tuned values where tuned;
-    ``held_out`` maps a setting (JSON) to the teacher pre-trained without it."""
+    ``held_out`` maps a setting (JSON) to the teachers pre-trained without it (label -> run folder)."""
     labels = teacher_labels(cfg.teacher_paths)  # each checkpoint is read and hashed once, not once per job
-    digests = {path: checkpoint_digest(path) for path in [*labels, *(held_out or {}).values()]}
+    pretrained = [path for runs in (held_out or {}).values() for path in runs.values()]
+    digests = {path: checkpoint_digest(path) for path in [*labels, *pretrained]}
     jobs = []
     for setting in cfg.settings:
         key = json.dumps(setting, sort_keys=True)
@@ -370,9 +377,8 @@ def report_jobs(cfg: EvalConfig, chosen: dict[tuple, tuple], held_out: dict[str,
                 jobs.append(Job(setting, agent, None, seed, cfg, lr, options))
             for path, label in labels.items():
                 jobs.append(Job(setting, label, path, seed, cfg, cfg.lr, teacher_digest=digests[path]))
-            if held_out and key in held_out:
-                path = held_out[key]
-                jobs.append(Job(setting, f"{cfg.leave_one_out}@held-out", path, seed, cfg, cfg.lr, teacher_digest=digests[path]))
+            for label, path in (held_out or {}).get(key, {}).items():
+                jobs.append(Job(setting, label, path, seed, cfg, cfg.lr, teacher_digest=digests[path]))
     return jobs
 
 
@@ -400,34 +406,35 @@ def as_flags(values: dict[str, Any]) -> list[str]:
     return flags
 
 
-def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, str]:
-    """For every setting S of the grid, a ``--leave-one-out`` teacher pre-trained by train_teacher.py
-    on the other settings (episodes of ``--steps`` updates, cycling) in ``out/pretrained/<i>``; a
-    finished one is reused. Returns setting (JSON) -> run folder."""
+def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
+    """For every setting S of the grid, ``--pretrain-seeds`` teachers of the ``--leave-one-out`` agent,
+    each pre-trained by train_teacher.py on the other settings (episodes of ``--steps`` updates,
+    cycling) in ``out/pretrained/``, on disjoint seed ranges; a finished one is reused. Returns
+    setting (JSON) -> {label: run folder}, the label ``<agent>@held-out`` (``#k`` with several)."""
     import train_teacher
 
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
     flags = as_flags(student) + as_flags((cfg.agent_options or {}).get(cfg.leave_one_out) or {})
     flags += ["--data-root", cfg.data_root] if cfg.data_root else []
     flags += ["--download"] if cfg.download else []
-    paths = {}
+    episodes = -(-cfg.pretrain_steps // cfg.steps)  # a pre-training with seed s meets seeds s .. s + episodes - 1
+    paths: dict[str, dict[str, str]] = {}
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
-        argv = [
-            "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
-            "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed), "--device", cfg.device, "--threads", str(cfg.threads),
-            "--no-progress", *flags,
-        ]  # fmt: skip
-        digest = hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]  # another pre-training never reuses this one
-        run = (
-            out
-            / "pretrained"
-            / f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}-{digest}"
-        )
-        if not (run / "summary.json").exists():
-            shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
-            train_teacher.main([*argv, "--out", str(run)])
-        paths[json.dumps(setting, sort_keys=True)] = str(run)
+        for k in range(cfg.pretrain_seeds):
+            argv = [
+                "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
+                "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * episodes), "--device", cfg.device,
+                "--threads", str(cfg.threads), "--no-progress", *flags,
+            ]  # fmt: skip
+            digest = hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]  # another pre-training never reuses this one
+            label = setting_label(setting).replace("/", "-").replace(" ", "")
+            run = out / "pretrained" / f"{i}-{cfg.leave_one_out}-without-{label}-{digest}"
+            if not (run / "summary.json").exists():
+                shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
+                train_teacher.main([*argv, "--out", str(run)])
+            name = f"{cfg.leave_one_out}@held-out" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
+            paths.setdefault(json.dumps(setting, sort_keys=True), {})[name] = str(run)
     return paths
 
 

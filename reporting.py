@@ -132,25 +132,30 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
+def fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
     """``mean ± std [±CI]`` of a ``summarise`` result, for the report's tables."""
     if not stat or stat["n"] == 0:
         return "-"
-    text = f"{scale * stat['mean']:{'+' if sign else ''}.{digits}f}"
+    text = f"{scale * stat['mean']:.{digits}f}"
     if stat["n"] > 1:
         text += f" ± {scale * stat['std']:.{digits}f} [±{scale * stat['ci95']:.{digits}f}]"
     return text
 
 
-def fmt_paired(stat: dict[str, Any] | None) -> str:
-    """``+d [lo, hi] W/T/L`` of a ``paired`` result, in accuracy points."""
-    if not stat or stat["n"] == 0:
-        return "-"
+def fmt_difference(stat: dict[str, Any]) -> str:
+    """``+d [lo, hi]`` (95% interval) of a mean difference, in accuracy points; ``+d`` alone for one value."""
     mean = 100 * stat["mean"]
     if stat["n"] < 2:
-        return f"{mean:+.1f} ({stat['wins']}/{stat['ties']}/{stat['losses']})"
+        return f"{mean:+.1f}"
     half = 100 * stat["ci95"]
-    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] ({stat['wins']}/{stat['ties']}/{stat['losses']})"
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
+def fmt_paired(stat: dict[str, Any] | None) -> str:
+    """``+d [lo, hi] (W/T/L)`` of a ``paired`` result, in accuracy points."""
+    if not stat or stat["n"] == 0:
+        return "-"
+    return f"{fmt_difference(stat)} ({stat['wins']}/{stat['ties']}/{stat['losses']})"
 
 
 def agent_label(line: dict[str, Any]) -> str:
@@ -240,11 +245,43 @@ def write_report(
                 f"{fmt_paired(line['vs_uniform'])} | {fmt(line['auroc'], 1, 3)} |"
             )
         lines.append("")
+    lines += pretraining_spread(transfers)
     if failures:
         lines += ["## Failed runs", "", f"{len(failures)} run(s) failed and are left out of every statistic above:", ""]
         lines += [f"- {f['job']}: {f['error']}" for f in failures] + [""]
     lines += ["Plots: `curves.png` (test accuracy over steps), `weights.png` (weights of clean vs corrupted samples).", ""]
     atomic_write(out / "report.md", "\n".join(lines))
+
+
+def pretraining_spread(transfers: list[dict[str, Any]]) -> list[str]:
+    """For teachers pre-trained several times (``<agent>#k``): each pre-training's mean paired Δ against
+    uniform, and their mean with a 95% t-interval over the pre-trainings. A re-run of the pre-training
+    is what varies there; the per-teacher intervals above cover student seeds only."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for line in transfers:
+        agent, several, _ = line["agent"].partition("#")
+        if several and line["vs_uniform_final"]:
+            groups.setdefault((setting_label(line), agent), []).append(line)
+    if not groups:
+        return []
+    lines = [
+        "## Between pre-trainings",
+        "",
+        "Each pre-training's mean Δ against `uniform` (paired by student seed), then their mean [95% t-interval over "
+        "the pre-trainings].",
+        "",
+        "| evaluated on | teacher | Δ final vs uniform, each | mean over pre-trainings | Δ @ best val vs uniform, each "
+        "| mean over pre-trainings | AUROC, each |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (target, agent), group in groups.items():
+        cells = []
+        for key in ("vs_uniform_final", "vs_uniform"):
+            each = [line[key]["mean"] for line in group]
+            cells += [", ".join(f"{100 * v:+.1f}" for v in each), fmt_difference(summarise(each))]
+        aurocs = ", ".join(f"{line['auroc']['mean']:.2f}" for line in group)
+        lines.append(f"| {target} | {agent} ({len(group)}) | " + " | ".join(cells) + f" | {aurocs} |")
+    return [*lines, ""]
 
 
 def write_tables(

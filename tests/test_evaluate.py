@@ -263,6 +263,32 @@ def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
         assert (config["meta_layers"], config["hidden"]) == ("head", 16)
 
 
+def test_several_pretrainings_per_held_out_setting_on_disjoint_seeds_and_their_spread(tmp_path):
+    rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "2", "--grid", "{noise: [symmetric, pairflip]}",
+                     "--leave-one-out", "meta_grad", "--pretrain-steps", "60", "--pretrain-seeds", "2",
+                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}")  # fmt: skip
+    trained_on = {(r["agent"], r["noise"]): r["trained_on"] for r in rows if "@held-out" in r["agent"]}
+    assert trained_on == {  # 60 updates in episodes of 40: two episodes, so the second pre-training starts at 10002
+        ("meta_grad@held-out#1", "symmetric"): "digits/mlp/pairflip 0.4 (seeds 10000-10001)",
+        ("meta_grad@held-out#2", "symmetric"): "digits/mlp/pairflip 0.4 (seeds 10002-10003)",
+        ("meta_grad@held-out#1", "pairflip"): "digits/mlp/symmetric 0.4 (seeds 10000-10001)",
+        ("meta_grad@held-out#2", "pairflip"): "digits/mlp/symmetric 0.4 (seeds 10002-10003)",
+    }
+    assert len(list((tmp_path / "report" / "pretrained").iterdir())) == 4
+    report = (tmp_path / "report" / "report.md").read_text()
+    spread = report.split("## Between pre-trainings", 1)[1].split("\n## ", 1)[0]
+    for noise in ("symmetric", "pairflip"):  # each pre-training's mean paired difference, then their mean
+        deltas = []
+        for k in (1, 2):
+            mine = sorted(
+                (r["seed"], r["final_test_acc"]) for r in rows if (r["agent"], r["noise"]) == (f"meta_grad@held-out#{k}", noise)
+            )
+            base = sorted((r["seed"], r["final_test_acc"]) for r in rows if (r["agent"], r["noise"]) == ("uniform", noise))
+            deltas.append(100 * float(np.mean([a[1] - b[1] for a, b in zip(mine, base)])))
+        line = next(x for x in spread.splitlines() if f"/{noise} 0.4 |" in x)
+        assert f"| meta_grad@held-out (2) | {deltas[0]:+.1f}, {deltas[1]:+.1f} | {np.mean(deltas):+.1f} [" in line
+
+
 def test_variants_of_one_agent_run_side_by_side_with_their_own_options(tmp_path):
     rows = _evaluate(tmp_path, "--agents", "uniform,spl,spl@late", "--agent-options", "{spl@late: {start_fraction: 0.9}}",
                      "--seeds", "1")  # fmt: skip
