@@ -17,9 +17,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    for script in ("env_overhead.py", "teach_step.py", "cnn_layout.py"):
+    for script in ("env_overhead.py", "teach_step.py"):
         print(f"== {script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), "--device", args.device], check=True)
+    if args.device == "cpu":  # the CNN pools channels-last on the CPU only
+        print("== cnn_layout.py", flush=True)
+        subprocess.run([sys.executable, str(HERE / "cnn_layout.py")], check=True)
 
 
 if __name__ == "__main__":
