@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,7 +27,11 @@ import evaluate  # noqa: E402
 from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
 from runconfig import setting_label  # noqa: E402
 
-SUITES = ("mnist1d", "digits", "mnist", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl")
+SUITES = (
+    "mnist1d", "digits", "mnist", "transfer_tuning", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
+)  # fmt: skip
+TRANSFER_DECAYS = (1e-4, 0.3, 1.0)  # meta_weight_decay of the pre-trainings (1e-4: meta_grad's default), chosen on tuning seeds
+TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
 RL_SETTING = ["--dataset", "digits", "--noise", "pairflip", "--noise-rate", "0.4", "--val-size", "200", "--batch-size", "64",
               "--eval-every", "100"]  # fmt: skip
@@ -74,6 +79,46 @@ def run_rl_suite(out: Path) -> None:
                    "--device", "cpu", "--workers", "2", "--out", str(out), "--resume", "--no-progress"])  # fmt: skip
 
 
+def run_transfer_tuning(out: Path) -> None:
+    """The transfer suite once per pre-training weight decay in ``TRANSFER_DECAYS``, two pre-trainings
+    per held-out setting, on tuning students (seeds ``TRANSFER_TUNING_SEED`` + 0..4) that are not
+    reported. The transfer suite uses the decay with the best mean held-out accuracy."""
+    for decay in TRANSFER_DECAYS:
+        evaluate.main([
+            "--suite", str(ROOT / "suites" / "results" / "transfer.yaml"), "--agents", "uniform", "--pretrain-seeds", "2",
+            "--seed", str(TRANSFER_TUNING_SEED), "--agent-options", json.dumps({"meta_grad": {"meta_weight_decay": decay}}),
+            "--out", str(out / f"decay-{decay:g}"), "--resume", "--no-progress",
+        ])  # fmt: skip
+
+
+def transfer_tuning_table(out: Path) -> list[str]:
+    """Per pre-training weight decay: the tuning criterion (best held-out accuracy, mean over settings,
+    students and pre-trainings) and the mean final Δ against uniform per held-out setting; then which
+    decay wins and whether transfer.yaml uses it."""
+    results = {d: json.loads((out / f"decay-{d:g}" / "results.json").read_text())["runs"] for d in TRANSFER_DECAYS}
+    labels = list(dict.fromkeys(setting_label(r) for r in results[TRANSFER_DECAYS[0]]))
+    lines = [
+        "| pre-training meta_weight_decay | mean best held-out acc (criterion) | "
+        + " | ".join(f"Δ final vs uniform, held out {label}" for label in labels)
+        + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    scores = {}
+    for decay, runs in results.items():
+        taught = [r for r in runs if r["agent"] != "uniform"]
+        scores[decay] = float(np.mean([r["best_val_acc"] for r in taught]))
+        deltas = []
+        for label in labels:
+            uniform = {r["seed"]: r[FINAL] for r in runs if r["agent"] == "uniform" and setting_label(r) == label}
+            mine = [r[FINAL] - uniform[r["seed"]] for r in taught if setting_label(r) == label]
+            deltas.append(f"{100 * np.mean(mine):+.1f}")
+        lines.append(f"| {decay:g} | {100 * scores[decay]:.1f} | " + " | ".join(deltas) + " |")
+    chosen = max(scores, key=scores.get)
+    used = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text())["agent_options"]["meta_grad"]
+    verdict = "uses it" if used.get("meta_weight_decay") == chosen else f"uses {used.get('meta_weight_decay')} instead"
+    return [*lines, "", f"Chosen: {chosen:g}; `suites/results/transfer.yaml` {verdict}.", ""]
+
+
 def plot_rl_curves(out: Path) -> None:
     """learning_curves.png: each RL teacher's episode return (final validation accuracy) over its training."""
     import matplotlib
@@ -102,6 +147,9 @@ def run_suite(name: str) -> Path | None:
     out = ROOT / "docs" / "results" / name
     if name == "rl":
         run_rl_suite(out)
+        return out
+    if name == "transfer_tuning":
+        run_transfer_tuning(out)
         return out
     argv = ["--suite", str(ROOT / "suites" / "results" / f"{name}.yaml"), "--out", str(out), "--resume", "--no-progress"]
     if name.rpartition("_")[2] == "mnist":  # real MNIST, from ../shared/data
@@ -195,6 +243,16 @@ def section(name: str, out: Path | None) -> list[str]:
                  "![RL learning curves](results/rl/learning_curves.png)", ""]  # fmt: skip
         tables = (out / "report.md").read_text().split("## ", 2)[2].replace("\n## ", "\n### ")
         return [*lines, "### " + tables, "### What the numbers say", "", *reading(summary), ""]
+    if name == "transfer_tuning":
+        return [
+            "## Suite `transfer_tuning`: the pre-training's teacher weight decay, chosen on tuning seeds", "",
+            f"The transfer suite below, run once per `meta_weight_decay` of its pre-trainings (two per held-out "
+            f"setting), on tuning students (seeds {TRANSFER_TUNING_SEED}-{TRANSFER_TUNING_SEED + 4}) that are not "
+            "reported; criterion: the best held-out accuracy, as `--tune` uses. A stronger decay keeps the teacher's "
+            "logits small, so a frozen teacher drops fewer samples on a student it cannot yet judge. Reports: "
+            f"`docs/results/{name}/decay-*/report.md`.", "",
+            *transfer_tuning_table(out),
+        ]  # fmt: skip
     if name == "ablation":
         return [
             "## Suite `ablation`: what meta_grad's parts are worth", "",

@@ -1,0 +1,46 @@
+"""suites/results.py's generated statements: the transfer-tuning table and the choice it makes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("results_suite", ROOT / "suites" / "results.py")
+results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results)
+
+
+def _row(agent: str, dataset: str, seed: int, final: float, best_val: float) -> dict:
+    setting = {"dataset": dataset, "student": "mlp", "noise": "symmetric", "noise_rate": 0.4}
+    return {**setting, "agent": agent, "seed": seed, "final_test_acc": final, "best_val_acc": best_val}
+
+
+@pytest.mark.parametrize("winner", [0, 2])
+def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accuracy(tmp_path, winner):
+    decays = results.TRANSFER_DECAYS
+    for i, decay in enumerate(decays):
+        runs = []
+        for dataset, uniform in (("mnist1d", 0.50), ("digits", 0.70)):
+            for seed in (1000, 1001):
+                runs.append(_row("uniform", dataset, seed, uniform + 0.01 * (seed % 2), 0.9))  # scores ignore uniform
+                for k in (1, 2):  # two pre-trainings; the winner's held-out accuracy is the highest
+                    best_val = 0.8 if i == winner else 0.6 + 0.01 * i
+                    runs.append(
+                        _row(f"meta_grad@held-out#{k}", dataset, seed, uniform + 0.01 * (seed % 2) + 0.01 * k * (i + 1), best_val)
+                    )
+        (tmp_path / f"decay-{decay:g}").mkdir()
+        (tmp_path / f"decay-{decay:g}" / "results.json").write_text(json.dumps({"runs": runs}))
+    lines = results.transfer_tuning_table(tmp_path)
+    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(decays)
+    for i, row in enumerate(rows):  # Δ = mean over pre-trainings k = 1, 2 of 0.01 k (i + 1), in points
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2:] == [f"{1.5 * (i + 1):+.1f}"] * 2, row
+    used = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text())["agent_options"]["meta_grad"]
+    verdict = "uses it" if used["meta_weight_decay"] == decays[winner] else "instead"
+    assert f"Chosen: {decays[winner]:g};" in lines[-2] and verdict in lines[-2]
