@@ -1,7 +1,7 @@
 """Regenerate docs/results.md: the honest benchmark on every offline setting, and the
 leave-one-setting-out transfer of a pre-trained teacher.
 
-    python suites/results.py                 # about an hour on 2 CPU cores; resumes if interrupted
+    python suites/results.py                 # about 1.5 hours on 2 CPU cores; resumes if interrupted
     python suites/results.py --only digits   # one suite (docs/results/<name>/)
 
 Each suite in suites/results/ runs through ``evaluate.py`` into docs/results/<suite>/ (report.md,
@@ -291,6 +291,13 @@ def section(name: str, out: Path | None) -> list[str]:
     return lines
 
 
+def finished(name: str) -> Path | None:
+    """The suite's folder when all its results are there (docs/results.md is rewritten from them)."""
+    done = ROOT / "docs" / "results" / name
+    parts = [done / f"decay-{d:g}" for d in TRANSFER_DECAYS] if name == "transfer_tuning" else [done]
+    return done if all((part / "results.json").exists() for part in parts) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -303,8 +310,7 @@ def main() -> None:
         if args.only in (None, name) and not args.write_only:
             outputs[name] = run_suite(name)
         else:
-            done = ROOT / "docs" / "results" / name
-            outputs[name] = done if (done / "results.json").exists() else None
+            outputs[name] = finished(name)
     lines = [HEADER]
     for name, out in outputs.items():
         lines += section(name, out)
