@@ -30,8 +30,14 @@ from runconfig import setting_label  # noqa: E402
 SUITES = (
     "mnist1d", "digits", "mnist", "transfer_tuning", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
 )  # fmt: skip
-TRANSFER_DECAYS = (1e-4, 0.3, 1.0)  # meta_weight_decay of the pre-trainings (1e-4: meta_grad's default), chosen on tuning seeds
+TRANSFER_DECAYS = (
+    1e-4,
+    0.3,
+    1.0,
+    3.0,
+)  # meta_weight_decay of the pre-trainings (1e-4: meta_grad's default), chosen on tuning seeds
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
+TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
 RL_SETTING = ["--dataset", "digits", "--noise", "pairflip", "--noise-rate", "0.4", "--val-size", "200", "--batch-size", "64",
               "--eval-every", "100"]  # fmt: skip
@@ -81,12 +87,13 @@ def run_rl_suite(out: Path) -> None:
 
 def run_transfer_tuning(out: Path) -> None:
     """The transfer suite once per pre-training weight decay in ``TRANSFER_DECAYS``, two pre-trainings
-    per held-out setting, on tuning students (seeds ``TRANSFER_TUNING_SEED`` + 0..4) that are not
-    reported. The transfer suite uses the decay with the best mean held-out accuracy."""
+    per held-out setting on seeds of their own, on tuning students (seeds ``TRANSFER_TUNING_SEED`` +
+    0..4): neither the teachers nor the students are reported. The transfer suite uses the decay with
+    the best mean held-out accuracy."""
     for decay in TRANSFER_DECAYS:
         evaluate.main([
             "--suite", str(ROOT / "suites" / "results" / "transfer.yaml"), "--agents", "uniform", "--pretrain-seeds", "2",
-            "--seed", str(TRANSFER_TUNING_SEED), "--agent-options", json.dumps({"meta_grad": {"meta_weight_decay": decay}}),
+            "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED), "--agent-options", json.dumps({"meta_grad": {"meta_weight_decay": decay}}),
             "--out", str(out / f"decay-{decay:g}"), "--resume", "--no-progress",
         ])  # fmt: skip
 
