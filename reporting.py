@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -257,30 +258,32 @@ def pretraining_spread(transfers: list[dict[str, Any]]) -> list[str]:
     """For teachers pre-trained several times (``<agent>#k``): each pre-training's mean paired Δ against
     uniform, and their mean with a 95% t-interval over the pre-trainings. A re-run of the pre-training
     is what varies there; the per-teacher intervals above cover student seeds only."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[tuple, str], list[dict[str, Any]]] = {}
     for line in transfers:
-        agent, several, _ = line["agent"].partition("#")
+        several = re.fullmatch(r"(.+@held-out)#(\d+)", line["agent"])  # evaluate.py --pretrain-seeds labels
         if several and line["vs_uniform_final"]:
-            groups.setdefault((setting_label(line), agent), []).append(line)
+            groups.setdefault((setting_key(line), several[1]), []).append(line)
     if not groups:
         return []
     lines = [
         "## Between pre-trainings",
         "",
-        "Each pre-training's mean Δ against `uniform` (paired by student seed), then their mean [95% t-interval over "
-        "the pre-trainings].",
+        "Each pre-training's mean Δ against `uniform` (paired by student seed), in the order of their numbers #k, then "
+        "their mean [95% t-interval over the pre-trainings].",
         "",
         "| evaluated on | teacher | Δ final vs uniform, each | mean over pre-trainings | Δ @ best val vs uniform, each "
         "| mean over pre-trainings | AUROC, each |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (target, agent), group in groups.items():
+    for (_, agent), group in groups.items():
+        group.sort(key=lambda line: int(line["agent"].rpartition("#")[2]))
         cells = []
         for key in ("vs_uniform_final", "vs_uniform"):
             each = [line[key]["mean"] for line in group]
             cells += [", ".join(f"{100 * v:+.1f}" for v in each), fmt_difference(summarise(each))]
         aurocs = ", ".join(f"{line['auroc']['mean']:.2f}" for line in group)
-        lines.append(f"| {target} | {agent} ({len(group)}) | " + " | ".join(cells) + f" | {aurocs} |")
+        numbers = ", ".join(line["agent"].rpartition("#")[2] for line in group)
+        lines.append(f"| {setting_label(group[0])} | {agent} (#{numbers}) | " + " | ".join(cells) + f" | {aurocs} |")
     return [*lines, ""]
 
 

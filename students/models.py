@@ -44,7 +44,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Two conv blocks (conv, ReLU, max-pool) and a fully connected layer; 1-D or 2-D inputs."""
+    """Two conv blocks (conv, max-pool, ReLU) and a fully connected layer; 1-D or 2-D inputs."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, int] = (32, 64), fc: int = 128):
         super().__init__()
@@ -67,7 +67,7 @@ class CNN(nn.Module):
     def max_pool(self, h: torch.Tensor) -> torch.Tensor:
         """``self.pool``, taken before the ReLU (the two commute exactly, and the ReLU then touches a quarter
         of the values); on the CPU a 2-D map is pooled channels-last, whose kernels are faster than NCHW's
-        (``benchmarks/cnn_layout.py`` measures it; ``tests/test_students.py`` checks the values)."""
+        (``benchmarks/cnn_layout.py`` measures it; ``tests/test_components.py`` checks the values)."""
         if h.dim() == 4 and h.device.type == "cpu":
             h = h.contiguous(memory_format=torch.channels_last)
         return self.pool(h)

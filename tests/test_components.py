@@ -52,8 +52,8 @@ def test_cnn_handles_signals_and_refuses_flat_inputs():
 @pytest.mark.parametrize("shape", [(1, 12, 12), (2, 16)])
 @pytest.mark.parametrize("grad", [True, False])
 def test_cnn_pools_before_relu_with_the_values_and_gradients_of_relu_then_pool(shape, grad):
-    """The student pools first (channels-last on 2-D maps); values and gradients are those of the
-    textbook order, with and without autograd (the channels-last path is taken without)."""
+    """The student pools first (channels-last on 2-D CPU maps); values and gradients are those of the
+    textbook order, with and without autograd. (Forward-mode AD through it: tests/test_meta_grad.py.)"""
     torch.manual_seed(0)
     model = make_student("cnn", shape, 5, channels=[3, 4], fc=6).double()
     x = torch.randn(7, *shape, dtype=torch.float64)

@@ -286,7 +286,7 @@ def test_several_pretrainings_per_held_out_setting_on_disjoint_seeds_and_their_s
             base = sorted((r["seed"], r["final_test_acc"]) for r in rows if (r["agent"], r["noise"]) == ("uniform", noise))
             deltas.append(100 * float(np.mean([a[1] - b[1] for a, b in zip(mine, base)])))
         line = next(x for x in spread.splitlines() if f"/{noise} 0.4 |" in x)
-        assert f"| meta_grad@held-out (2) | {deltas[0]:+.1f}, {deltas[1]:+.1f} | {np.mean(deltas):+.1f} [" in line
+        assert f"| meta_grad@held-out (#1, 2) | {deltas[0]:+.1f}, {deltas[1]:+.1f} | {np.mean(deltas):+.1f} [" in line
 
 
 def test_variants_of_one_agent_run_side_by_side_with_their_own_options(tmp_path):

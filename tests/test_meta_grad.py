@@ -56,6 +56,29 @@ def _val_loss(env, teacher, observations, transitions, val_indices) -> torch.Ten
     return unrolled_val_loss(env, tuple(transitions), tuple(weights), val_indices)
 
 
+def test_alignment_through_the_cnn_equals_one_backward_per_sample():
+    """The JVP of ``validation_alignment`` runs forward-mode AD through the CNN's channels-last
+    pooling; in float64 it equals <grad L_val(after), grad l_i(before)> from one reverse-mode
+    gradient per sample."""
+    env = make_tensor_env(student="cnn", student_kwargs={"channels": [3, 4], "fc": 6}, batch_size=8, dtype="float64")
+    env.reset(seed=0)
+    for _ in range(3):  # momentum buffers and the parameters away from their initialisation
+        env.step(torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    handle = env.unwrapped.handle
+    last, val_indices = handle.last_transition, handle.val_indices(16)
+    inner, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
+    after = {n: p.detach().requires_grad_() for n, p in handle.params.items()}
+    direction = torch.autograd.grad(handle.val_loss(after, val_indices), list(after.values()))
+    before = {n: p.detach().requires_grad_() for n, p in last.params.items()}
+    losses = handle.per_sample_losses(before, last.indices)
+    expected = torch.stack([
+        sum((g * d).sum() for g, d in zip(torch.autograd.grad(loss, list(before.values()), retain_graph=True), direction))
+        for loss in losses
+    ])  # fmt: skip
+    assert float(expected.std()) > 0.1 * float(expected.abs().max()), "the samples' alignments must differ"
+    torch.testing.assert_close(inner, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("student", list(STUDENTS))
 @pytest.mark.parametrize("unroll", [1, 3])
 def test_teacher_gradient_matches_central_finite_differences(student, unroll):

@@ -20,14 +20,15 @@ def _row(agent: str, dataset: str, seed: int, final: float, best_val: float) -> 
     return {**setting, "agent": agent, "seed": seed, "final_test_acc": final, "best_val_acc": best_val}
 
 
-@pytest.mark.parametrize("winner", [0, 2])
+@pytest.mark.parametrize("winner", [0, len(results.TRANSFER_DECAYS) - 1])
 def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accuracy(tmp_path, winner):
     decays = results.TRANSFER_DECAYS
     for i, decay in enumerate(decays):
         runs = []
         for dataset, uniform in (("mnist1d", 0.50), ("digits", 0.70)):
             for seed in (1000, 1001):
-                runs.append(_row("uniform", dataset, seed, uniform + 0.01 * (seed % 2), 0.9))  # scores ignore uniform
+                decoy = 1.0 if i == (winner + 1) % len(decays) else 0.0  # uniform's accuracy must not count
+                runs.append(_row("uniform", dataset, seed, uniform + 0.01 * (seed % 2), decoy))
                 for k in (1, 2):  # two pre-trainings; the winner's held-out accuracy is the highest
                     best_val = 0.8 if i == winner else 0.6 + 0.01 * i
                     runs.append(
@@ -44,3 +45,4 @@ def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accur
     used = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text())["agent_options"]["meta_grad"]
     verdict = "uses it" if used["meta_weight_decay"] == decays[winner] else "instead"
     assert f"Chosen: {decays[winner]:g};" in lines[-2] and verdict in lines[-2]
+    assert f"mnist1d/mlp/symmetric 0.4 {decays[winner]:g}; digits/mlp/symmetric 0.4 {decays[winner]:g}." in lines[-2]
