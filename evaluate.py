@@ -143,6 +143,8 @@ class EvalConfig(EnvSetting, StudentTraining):
             coerce("--thresholds", value, float, {"low": 0, "high": 1})
         _ = self.tune_grid
         _ = self.settings
+        if self.leave_one_out is None and self.pretrain_seeds > 1:
+            raise ValueError("--pretrain-seeds sets the pre-trainings of --leave-one-out, which is not given")
         if self.leave_one_out is not None:
             check_name("agent", self.leave_one_out, list(AGENTS))
             if agent_class(self.leave_one_out).kind != "online":

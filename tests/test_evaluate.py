@@ -152,6 +152,7 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--agent-options", "{meta_grad: {meta_layers: 'last:9'}}", "--agents", "meta_grad"], "asks for 9 layers"),
         (["--agent-options", "{meta_grad@x: {meta_layers: 'last:9'}}", "--agents", "meta_grad,meta_grad@x"], "asks for 9 layers"),
         (["--leave-one-out", "meta_grad"], "at least two settings"),
+        (["--pretrain-seeds", "3"], "--leave-one-out, which is not given"),
         (["--leave-one-out", "uniform", "--grid", "{noise: [symmetric, pairflip]}"], "not one"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--thresholds", "half"], "--thresholds must be comma-separated numbers"),
