@@ -423,6 +423,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     paths: dict[str, dict[str, str]] = {}
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
+        folder = f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         for k in range(cfg.pretrain_seeds):
             argv = [
                 "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
@@ -430,8 +431,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
                 "--threads", str(cfg.threads), "--no-progress", *flags,
             ]  # fmt: skip
             digest = hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]  # another pre-training never reuses this one
-            label = setting_label(setting).replace("/", "-").replace(" ", "")
-            run = out / "pretrained" / f"{i}-{cfg.leave_one_out}-without-{label}-{digest}"
+            run = out / "pretrained" / f"{folder}-{digest}"
             if not (run / "summary.json").exists():
                 shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
                 train_teacher.main([*argv, "--out", str(run)])

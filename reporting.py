@@ -258,11 +258,11 @@ def pretraining_spread(transfers: list[dict[str, Any]]) -> list[str]:
     """For teachers pre-trained several times (``<agent>#k``): each pre-training's mean paired Δ against
     uniform, and their mean with a 95% t-interval over the pre-trainings. A re-run of the pre-training
     is what varies there; the per-teacher intervals above cover student seeds only."""
-    groups: dict[tuple[tuple, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[tuple, str], list[tuple[int, dict[str, Any]]]] = {}
     for line in transfers:
         several = re.fullmatch(r"(.+@held-out)#(\d+)", line["agent"])  # evaluate.py --pretrain-seeds labels
         if several and line["vs_uniform_final"]:
-            groups.setdefault((setting_key(line), several[1]), []).append(line)
+            groups.setdefault((setting_key(line), several[1]), []).append((int(several[2]), line))
     if not groups:
         return []
     lines = [
@@ -275,14 +275,15 @@ def pretraining_spread(transfers: list[dict[str, Any]]) -> list[str]:
         "| mean over pre-trainings | AUROC, each |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (_, agent), group in groups.items():
-        group.sort(key=lambda line: int(line["agent"].rpartition("#")[2]))
+    for (_, agent), numbered in groups.items():
+        numbered.sort(key=lambda pair: pair[0])
+        group = [line for _, line in numbered]
         cells = []
         for key in ("vs_uniform_final", "vs_uniform"):
             each = [line[key]["mean"] for line in group]
             cells += [", ".join(f"{100 * v:+.1f}" for v in each), fmt_difference(summarise(each))]
         aurocs = ", ".join(f"{line['auroc']['mean']:.2f}" for line in group)
-        numbers = ", ".join(line["agent"].rpartition("#")[2] for line in group)
+        numbers = ", ".join(str(k) for k, _ in numbered)
         lines.append(f"| {setting_label(group[0])} | {agent} (#{numbers}) | " + " | ".join(cells) + f" | {aurocs} |")
     return [*lines, ""]
 

@@ -30,12 +30,8 @@ from runconfig import setting_label  # noqa: E402
 SUITES = (
     "mnist1d", "digits", "mnist", "transfer_tuning", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
 )  # fmt: skip
-TRANSFER_DECAYS = (
-    1e-4,
-    0.3,
-    1.0,
-    3.0,
-)  # meta_weight_decay of the pre-trainings (1e-4: meta_grad's default), chosen on tuning seeds
+# meta_weight_decay of the pre-trainings (1e-4: meta_grad's default), chosen on tuning seeds
+TRANSFER_DECAYS = (1e-4, 0.3, 1.0, 3.0)
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
@@ -110,23 +106,20 @@ def transfer_tuning_table(out: Path) -> list[str]:
         + " |",
         "|---|---|" + "---|" * len(labels),
     ]
+    taught = {d: [r for r in runs if r["agent"] != "uniform"] for d, runs in results.items()}
     scores = {}
     for decay, runs in results.items():
-        taught = [r for r in runs if r["agent"] != "uniform"]
-        scores[decay] = float(np.mean([r["best_val_acc"] for r in taught]))
+        scores[decay] = float(np.mean([r["best_val_acc"] for r in taught[decay]]))
         deltas = []
         for label in labels:
             uniform = {r["seed"]: r[FINAL] for r in runs if r["agent"] == "uniform" and setting_label(r) == label}
-            mine = [r[FINAL] - uniform[r["seed"]] for r in taught if setting_label(r) == label]
+            mine = [r[FINAL] - uniform[r["seed"]] for r in taught[decay] if setting_label(r) == label]
             deltas.append(f"{100 * np.mean(mine):+.1f}")
         lines.append(f"| {decay:g} | {100 * scores[decay]:.1f} | " + " | ".join(deltas) + " |")
     chosen = max(scores, key=scores.get)
     nested = []  # the choice each held-out setting would get from the other settings' tuning runs alone
     for label in labels:
-        others = {
-            d: float(np.mean([r["best_val_acc"] for r in runs if r["agent"] != "uniform" and setting_label(r) != label]))
-            for d, runs in results.items()
-        }
+        others = {d: float(np.mean([r["best_val_acc"] for r in rows if setting_label(r) != label])) for d, rows in taught.items()}
         nested.append(f"{label} {max(others, key=others.get):g}")
     options = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text()).get("agent_options") or {}
     used = (options.get("meta_grad") or {}).get("meta_weight_decay")
@@ -268,7 +261,8 @@ def section(name: str, out: Path | None) -> list[str]:
             "## Suite `transfer_tuning`: the pre-training's teacher weight decay, chosen on tuning seeds", "",
             f"The transfer suite below, run once per `meta_weight_decay` of its pre-trainings (two per held-out "
             f"setting), on tuning students (seeds {TRANSFER_TUNING_SEED}-{TRANSFER_TUNING_SEED + 4}) that are not "
-            "reported, with pre-trainings of their own (seeds 20000 on, not the reported teachers); criterion: the best "
+            f"reported, with pre-trainings of their own (seeds {TRANSFER_TUNING_PRETRAIN_SEED} on, not the reported "
+            "teachers); criterion: the best "
             "held-out accuracy, as `--tune` uses. A stronger decay keeps the teacher's parameters, and so its logits, "
             "small: the aim is a frozen teacher that drops fewer samples of a student it cannot yet judge. Reports: "
             f"`docs/results/{name}/decay-*/report.md`.", "",
