@@ -49,6 +49,9 @@ class StudentHandle:
         self.batch_indices: torch.Tensor | None = None  # the batch the next update will take
         self.batch_losses: torch.Tensor | None = None  # its per-sample losses, with the graph to ``params``
         self.batch_outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # its (logits, head input), detached
+        # the clean validation loss's gradient with respect to the output layer at the current parameters, when
+        # a teacher took it (kept here, with what it describes, until the next update; saved with the state)
+        self.val_head_grad: Params | None = None
         # which parameters a differentiable update keeps the graph for (None: all); a teacher whose
         # meta-gradient goes through some layers only sets it, and the others' updates stay fixed
         self.differentiable_params: frozenset[str] | None = None
@@ -66,6 +69,7 @@ class StudentHandle:
         self.params = {n: p.requires_grad_() for n, p in params.items()}
         self.momentum = {n: torch.zeros_like(p) for n, p in params.items()}
         self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
+        self.val_head_grad = None
         self.diverged = torch.zeros_like(self.diverged)
         self.differentiable_params = None
         self._val_generator.manual_seed(val_seed)
@@ -108,7 +112,7 @@ class StudentHandle:
         keep = self.differentiable_params if differentiable else frozenset()
         self.params = {n: p if keep is None or n in keep else p.detach().requires_grad_() for n, p in params.items()}
         self.momentum = {n: m if keep is None or n in keep else m.detach() for n, m in momentum.items()}
-        self.batch_losses = None
+        self.batch_losses, self.val_head_grad = None, None
 
     # ------------------------------------------------------------------ what teachers may call
     def detach(self) -> None:
@@ -163,6 +167,7 @@ class StudentHandle:
             "params": cpu(self.params), "buffers": cpu(self.buffers), "momentum": cpu(self.momentum),
             "val_generator": self._val_generator.get_state(), "batch_indices": self.batch_indices.cpu(),
             "diverged": self.diverged.cpu(),
+            **({"val_head_grad": cpu(self.val_head_grad)} if self.val_head_grad is not None else {}),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
@@ -175,4 +180,5 @@ class StudentHandle:
         self.batch_indices, self.last_transition = state["batch_indices"].to(device), None
         # a divergence not yet read at an evaluation (absent from states saved before it was kept)
         self.diverged = state.get("diverged", torch.zeros((), dtype=torch.bool)).to(device)
+        self.val_head_grad = to(state["val_head_grad"]) if "val_head_grad" in state else None
         self.refresh_batch()

@@ -52,7 +52,7 @@ of the updates on the clean split); with `uniform` (no teaching); and with the `
 (weights 1 for clean and 0 for corrupted labels, read from the noise mask), which shows the
 headroom. Every agent trains the same student for the same number of updates. The student learning
 rate of every agent (lr in {0.03, 0.1}) and the teacher learning rate of `mwnet` and `meta_grad`
-(teacher_lr in {0.001, 0.01}) are tuned per setting by best selection-split accuracy on a tuning seed
+(teacher_lr in {0.001, 0.003, 0.01, 0.03}) are tuned per setting by best selection-split accuracy on a tuning seed
 (1000) that is not reported; the reported seeds are 0-4. Metrics: final test accuracy, and test
 accuracy at the evaluation with the best accuracy on the held-out selection split. Δ: paired by
 seed, mean [95% t-interval] (wins/ties/losses, ties within 0.5 points); against the best

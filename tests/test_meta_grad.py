@@ -39,13 +39,14 @@ def _rollout(student: str, unroll: int, seed: int = 0):
     )
     teacher = far_from_uniform(MetaGradTeacher(unroll=unroll, hidden=8, method="replay", seed=seed).train())
     teacher.net.double()
+    teacher.attach(env.unwrapped.handle)
     obs, _ = env.reset(seed=seed)
     for _ in range(2):  # leave the first step, so that momentum buffers are non-zero
         obs, *_ = env.step(torch.ones(8))
     observations, transitions = [], []
     for _ in range(unroll):
-        observations.append(obs)
-        obs, *_ = env.step(teacher.act(obs))
+        observations.append(teacher.with_alignment(obs))  # what the teacher sees, alignment input included
+        obs, *_ = env.step(teacher.act(observations[-1]))
         transitions.append(env.unwrapped.handle.last_transition)
     val_indices = env.unwrapped.handle.val_indices(64)
     return env.unwrapped.handle, teacher, observations, transitions, val_indices
@@ -66,7 +67,7 @@ def test_alignment_through_the_cnn_equals_one_backward_per_sample():
         env.step(torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
     handle = env.unwrapped.handle
     last, val_indices = handle.last_transition, handle.val_indices(16)
-    inner, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
+    inner, _, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
     after = {n: p.detach().requires_grad_() for n, p in handle.params.items()}
     direction = torch.autograd.grad(handle.val_loss(after, val_indices), list(after.values()))
     before = {n: p.detach().requires_grad_() for n, p in last.params.items()}
@@ -109,7 +110,7 @@ def test_jvp_path_equals_double_backward(student):
     last = transitions[0]
     assert float(weights.detach().std() / weights.detach().mean()) > 0.2, "the test needs weights far from uniform"
     assert last.lr < 0.05, "the cosine schedule has moved the learning rate"
-    inner, _ = validation_alignment(env, last.params, env.params, last.indices, val_indices)
+    inner, _, _ = validation_alignment(env, last.params, env.params, last.indices, val_indices)
     fast = weight_gradient(inner, weights.detach(), last.lr)
     tolerance = dict(rtol=1e-7, atol=1e-9 * float(reference.abs().max()))
     torch.testing.assert_close(fast, reference, **tolerance)
@@ -231,18 +232,18 @@ def test_fast_path_matches_the_straightforward_one_in_float32(student):
     of the gradient's largest entry (the output bias's gradient is zero up to rounding, since the
     logits are centred, so the tolerance follows the gradient's scale, not each entry's)."""
     env = make_tensor_env(**STUDENTS[student], batch_size=8, lr=0.05, lr_schedule="cosine")
-    teacher = far_from_uniform(MetaGradTeacher(unroll=1, hidden=8, seed=0).train())
+    teacher = far_from_uniform(MetaGradTeacher(unroll=1, hidden=8, seed=0).train()).attach(env.unwrapped.handle)
     obs, _ = env.reset(seed=0)
     for _ in range(3):
         obs, *_ = env.step(torch.ones(8))
-    weights = teacher.weights(obs)
+    weights = teacher.weights(teacher.with_alignment(obs))
     assert float(weights.detach().std() / weights.detach().mean()) > 0.1
     env.step(weights.detach())
     last, unwrapped = env.unwrapped.handle.last_transition, env.unwrapped.handle
     val_indices = unwrapped.val_indices(64)
     params = list(teacher.net.parameters())
     slow = torch.autograd.grad(unrolled_val_loss(unwrapped, (last,), (weights,), val_indices), params, retain_graph=True)
-    inner, _ = validation_alignment(unwrapped, last.params, unwrapped.params, last.indices, val_indices)
+    inner, _, _ = validation_alignment(unwrapped, last.params, unwrapped.params, last.indices, val_indices)
     weight_grad = weight_gradient(inner, weights.detach(), last.lr)
     fast = torch.autograd.grad(weights, params, grad_outputs=weight_grad)
     fast, slow = torch.cat([g.flatten() for g in fast]), torch.cat([g.flatten() for g in slow])
@@ -261,12 +262,13 @@ def test_graph_path_through_real_updates_equals_the_replay(student):
         env = make_tensor_env(**STUDENTS[student], batch_size=8, dtype="float64", lr=0.05, lr_schedule="cosine", horizon=6)
         teacher = far_from_uniform(MetaGradTeacher(unroll=3, hidden=8, method=method, seed=0).train())
         teacher.net.double()
+        teacher.attach(env.unwrapped.handle)
         obs, _ = env.reset(seed=0)
         for _ in range(3):
             obs, *_ = env.step(teacher.act({k: v.double() for k, v in obs.items()}))
             teacher._window.append((env.unwrapped.handle.last_transition, teacher._pending))
         env.unwrapped.handle._val_generator.manual_seed(123)
-        val_loss, grads[method] = teacher.attach(env.unwrapped.handle).meta_gradient()
+        val_loss, grads[method] = teacher.meta_gradient()
         if method == "graph":
             assert all(p.grad_fn is None for p in env.unwrapped.handle.params.values()), "the history was cut"
     scale = max(float(g.abs().max()) for g in grads["replay"])

@@ -55,9 +55,9 @@ def test_restricted_gradient_matches_finite_differences_of_the_restricted_update
     assert float(weights.std() / weights.mean()) > 0.2, "the test needs weights far from uniform"
     layers = meta_parameters(handle.params, spec)
     if spec == "head":
-        inner, _ = head_alignment(handle, last, handle.params, val_indices)
+        inner, _, _ = head_alignment(handle, last, handle.params, val_indices)
     else:
-        inner, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+        inner, _, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
     analytic = weight_gradient(inner, weights, last.lr)
     eps = 1e-6
     numeric = torch.empty_like(weights)
@@ -71,7 +71,7 @@ def test_restricted_gradient_matches_finite_differences_of_the_restricted_update
     assert scale > 0, "the restricted update moves the validation loss"
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-6 * scale)
     # the restriction is real: the gradient through every layer is a different vector
-    full_inner, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
+    full_inner, _, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
     full = weight_gradient(full_inner, weights, last.lr)
     assert not torch.allclose(full, analytic, rtol=1e-3, atol=1e-3 * scale), "the test cannot tell restricted from full"
 
@@ -82,8 +82,8 @@ def test_closed_form_head_path_equals_the_generic_restricted_jvp(student):
     last = transitions[0]
     head = meta_parameters(handle.params, "head")
     assert head == {"head.weight", "head.bias"}
-    closed, closed_loss = head_alignment(handle, last, handle.params, val_indices)
-    generic, generic_loss = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, head)
+    closed, closed_loss, _ = head_alignment(handle, last, handle.params, val_indices)
+    generic, generic_loss, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, head)
     torch.testing.assert_close(closed, generic, rtol=1e-9, atol=1e-12 * float(generic.abs().max()))
     torch.testing.assert_close(closed_loss, generic_loss)
 
@@ -93,8 +93,8 @@ def test_all_layers_named_one_by_one_is_the_full_path():
     last = transitions[0]
     every = meta_parameters(handle.params, "last:3")  # the mlp has two hidden layers and a head
     assert every == set(handle.params) and meta_parameters(handle.params, "all") is None
-    full, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
-    named, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, every)
+    full, _, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
+    named, _, _ = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, every)
     torch.testing.assert_close(named, full, rtol=0, atol=0)
 
 

@@ -96,7 +96,7 @@ def test_help_names_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.1) (default" not in text and "(default: None) (default" not in text
     assert "meta_grad/mwnet/reinforce/ppo/a2c: teacher learning rate" in text
-    assert "meta_grad 0.003, mwnet 0.003, reinforce 0.01, ppo 0.0003, a2c 0.0003" in text
+    assert "meta_grad 0.03, mwnet 0.003, reinforce 0.01, ppo 0.0003, a2c 0.0003" in text
 
 
 def test_both_clis_share_one_env_setting_with_one_set_of_defaults():
