@@ -367,6 +367,7 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
         fail(f"--resume cannot read {config_file}: {e}")
     if saved["agent"] != cfg.agent and ("--agent" in argv or saved["agent"] != stored.get("agent")):
         fail(f"{checkpoint_file} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
+    stored = {**agent_class(saved["agent"]).legacy_options, **stored}  # a run begun before those options existed
     given = explicit_values(build_parser(type(cfg), ""), type(cfg), argv)  # flags and --config, not defaults
     changed = sorted(name for name in set(given) - set(RESUME_MAY_CHANGE) if stored.get(name) != getattr(cfg, name, None))
     if changed:

@@ -82,6 +82,9 @@ class Teacher:
     # whether it reads the observation's internal-state features: True, False, or the name of the option
     # (its teacher inputs) whose value "all" means it does
     reads_internal: ClassVar[bool | str] = True
+    # options added after checkpoints of this agent were first written, with the value that reproduces
+    # a teacher saved without them (its config lacks the key)
+    legacy_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any):
         try:
@@ -249,7 +252,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_teacher(path: str | Path, env: Any = None, device: str | torch.device = "cpu") -> Teacher:
     """Load any saved teacher; with ``env``, refuse it unless it can act on that env."""
     checkpoint = read_checkpoint(path)
-    teacher = make_agent(checkpoint["agent"], **checkpoint["config"])
+    teacher = make_agent(checkpoint["agent"], **{**agent_class(checkpoint["agent"]).legacy_options, **checkpoint["config"]})
     teacher.trained_on, teacher.trained_env = checkpoint["obs_spec"], checkpoint.get("env_config")
     try:
         teacher.load_state_dict(checkpoint["state"])

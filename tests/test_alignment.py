@@ -5,15 +5,21 @@ parameters it was taken at; students it cannot read are refused before anything 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn import functional as F
 
 import agents.meta_grad
+import train_teacher
+from agents.base import load_teacher
 from agents.meta_grad import MetaGradTeacher, MetaWeightNetTeacher
 from students.models import make_student
 from tests.conftest import make_tensor_env
+from tests.test_train_teacher import TINY_ARGS
 
 STUDENT = dict(student="mlp", student_kwargs={"hidden": [6, 5]})
 
@@ -135,3 +141,25 @@ def test_a_resumed_env_keeps_the_validation_gradient_and_a_fresh_student_never_i
     drawn = recording_val_indices(resumed_env.unwrapped.handle, monkeypatch)
     resumed.alignment_input()
     assert len(drawn) == 1, "a new student gets a fresh validation gradient"
+
+
+def forget_alignment(run_dir) -> None:
+    """Make ``run_dir`` look like a run begun before the alignment input existed: neither its
+    config.yaml nor its checkpoint's teacher config knows the option."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del config["alignment"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    checkpoint = torch.load(run_dir / "teacher.pt", weights_only=True)
+    del checkpoint["config"]["alignment"]
+    torch.save(checkpoint, run_dir / "teacher.pt")
+
+
+def test_teachers_and_runs_saved_before_the_alignment_input_still_load_and_resume(tmp_path):
+    args = ["--agent", "meta_grad", "--no-alignment", *TINY_ARGS]
+    train_teacher.main(["--out", str(tmp_path / "old"), *args])
+    forget_alignment(tmp_path / "old")
+    teacher = load_teacher(tmp_path / "old")
+    assert not teacher.hp.alignment, "a saved teacher without the option is one without the input"
+    train_teacher.main(["--out", str(tmp_path / "old"), "--resume", "--steps", "80", "--no-progress"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "old" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 80 and not load_teacher(tmp_path / "old").hp.alignment
