@@ -213,6 +213,7 @@ class Job:
             **training, "steps": cfg.steps, "thresholds": cfg.thresholds, "device": cfg.device, "threads": cfg.threads,
             "data_root": cfg.data_root, "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent),
             "teacher": self.teacher_digest, "select_fraction": cfg.select_fraction,
+            "resolved": None if self.teacher_path else resolved_options(self.agent_name, self.agent_options),
         }  # fmt: skip
         fields = [self.stage, self.setting, self.agent, self.seed, self.lr, dict(self.options), context]
         return json.dumps(fields, sort_keys=True, default=str)
@@ -237,6 +238,12 @@ class Job:
     @property
     def agent_name(self) -> str:
         return base_agent(self.agent)
+
+
+def resolved_options(agent: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option ``agent`` is built with from ``options``, its defaults included: a run key or a
+    pre-training digest holding them makes ``--resume`` re-run what a changed default changes."""
+    return dataclasses.asdict(agent_class(agent).Options(**options))
 
 
 def base_agent(label: str) -> str:
@@ -430,7 +437,9 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
                 "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * episodes), "--device", cfg.device,
                 "--threads", str(cfg.threads), "--no-progress", *flags,
             ]  # fmt: skip
-            digest = hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]  # another pre-training never reuses this one
+            resolved = resolved_options(cfg.leave_one_out, (cfg.agent_options or {}).get(cfg.leave_one_out) or {})
+            # another pre-training, or one under other defaults, never reuses this one
+            digest = hashlib.sha256(json.dumps([argv, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
             run = out / "pretrained" / f"{folder}-{digest}"
             if not (run / "summary.json").exists():
                 shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over

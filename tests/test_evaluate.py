@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -302,3 +303,24 @@ def test_variants_of_one_agent_run_side_by_side_with_their_own_options(tmp_path)
 def test_cuda_on_a_machine_without_a_gpu_is_refused_before_anything_runs(capsys, tmp_path):
     err = _exit_2(capsys, tmp_path, "--agents", "uniform", "--device", "cuda")
     assert "torch.cuda.is_available() is False" in err and not (tmp_path / "report").exists()
+
+
+def test_a_changed_default_re_runs_on_resume(tmp_path, monkeypatch):
+    """Run keys hold every option an agent is built with, so that ``--resume`` after a default changed
+    (e.g. a new version of a teacher) re-runs its jobs instead of reusing results of the old default."""
+    from agents.heuristics import SmallLossOptions, SmallLossTeacher
+
+    argv = ["--agents", "uniform,small_loss", "--seeds", "1"]
+    _evaluate(tmp_path, *argv)
+    real_run_job, calls = evaluate.run_job, []
+    monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job.agent) or real_run_job(job))
+    _evaluate(tmp_path, *argv, "--resume")
+    assert calls == [], "nothing changed: every run is reused"
+    fields = [
+        (f.name, f.type, dataclasses.field(default=0.2 if f.name == "forget_rate" else f.default))
+        for f in dataclasses.fields(SmallLossOptions)
+    ]
+    monkeypatch.setattr(SmallLossTeacher, "Options", dataclasses.make_dataclass("SmallLossOptions", fields))
+    rows = _evaluate(tmp_path, *argv, "--resume")
+    assert calls == ["small_loss"], "only the agent whose default changed runs again"
+    assert len(rows) == 2 and not (tmp_path / "report" / "errors.jsonl").exists()
