@@ -64,6 +64,9 @@ from students.models import head_input, make_student
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 FEATURE_SETS = ("all", "surface", "loss")
+# the teacher network's hidden activation; a leaky one keeps a unit that a large step pushed below zero for
+# every input able to recover (with plain ReLU it is dead for good)
+ACTIVATIONS = {"relu": F.relu, "leaky_relu": F.leaky_relu}
 METHODS = ("auto", "jvp", "graph", "replay")
 ALIGNMENT_HELP = (
     "one more input per sample: the cosine between its output-layer gradient and the clean validation loss's "
@@ -129,8 +132,9 @@ class WeightNet(nn.Module):
     direction the meta-gradient cannot see, which otherwise drifts the sigmoid into saturation.
     """
 
-    def __init__(self, in_dim: int, hidden: int, layers: int, context: bool, init_weight: float):
+    def __init__(self, in_dim: int, hidden: int, layers: int, context: bool, init_weight: float, activation: str = "relu"):
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         dims = [in_dim] + [hidden] * layers
         self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.context = nn.Linear(hidden, hidden) if context else None
@@ -142,9 +146,9 @@ class WeightNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for layer in self.body:
-            h = torch.relu(layer(h))
+            h = self.activation(layer(h))
         if self.context is not None:
-            h = torch.relu(h + self.context(h.mean(0, keepdim=True)))
+            h = self.activation(h + self.context(h.mean(0, keepdim=True)))
         logits = self.out(h).squeeze(1)
         return torch.sigmoid(logits - logits.mean() + self.offset)
 
@@ -165,6 +169,7 @@ class MetaGradOptions:
     meta_layers: str = field("all", META_LAYERS_HELP)
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
     alignment: bool = field(True, ALIGNMENT_HELP)
+    activation: str = field("relu", "hidden activation of the teacher network", choices=list(ACTIVATIONS))
     seed: int = field(0, "seeds the teacher network's initialisation", low=0)
 
 
@@ -198,6 +203,7 @@ class MetaGradTeacher(Teacher):
                 self.hp.layers,
                 self.hp.context,
                 self.hp.init_weight,
+                self.hp.activation,
             )
         # decoupled weight decay: meta-gradients are tiny (they carry lr / sum(w) factors), so an L2 term
         # inside Adam's normalisation would outweigh them and shrink the teacher to its initial

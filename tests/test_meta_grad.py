@@ -304,3 +304,18 @@ def test_weight_decay_never_outweighs_tiny_meta_gradients():
     for a, b in zip(before, teacher.net.parameters()):
         if a.abs().max() > 0:
             assert float(b.detach().abs().max()) > 0.9 * float(a.abs().max())
+
+
+@pytest.mark.parametrize("activation, recovers", [("relu", False), ("leaky_relu", True)])
+def test_a_leaky_teacher_network_can_revive_a_unit_that_is_negative_for_every_input(activation, recovers):
+    """Pre-trained teachers at teacher_lr 0.03 ended with every ReLU of a layer dead (constant weights);
+    with ``activation: leaky_relu`` such a unit still gets a gradient, with ReLU it never does."""
+    teacher = MetaGradTeacher(activation=activation, hidden=8, seed=0)
+    first = teacher.net.body[0]
+    with torch.no_grad():
+        first.bias.fill_(-1e3)  # every unit of the first layer below zero for any input
+        teacher.net.out.weight.normal_(generator=torch.Generator().manual_seed(0))
+    rows = torch.randn(32, first.in_features, generator=torch.Generator().manual_seed(1))
+    weights = teacher.net(rows)
+    (weights * torch.linspace(-1, 1, 32)).sum().backward()
+    assert (first.weight.grad.abs().max() > 0) == recovers
