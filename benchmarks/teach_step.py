@@ -43,6 +43,7 @@ CONFIGS = {
 TEACHERS = {
     "meta_grad B=1": ("meta_grad", {"unroll": 1}),
     "meta_grad head B=1": ("meta_grad", {"unroll": 1, "meta_layers": "head"}),
+    "meta_grad head B=1, no alignment": ("meta_grad", {"unroll": 1, "meta_layers": "head", "alignment": False}),
     "meta_grad B=3": ("meta_grad", {"unroll": 3}),
     "meta_grad B=5": ("meta_grad", {"unroll": 5}),
     "mwnet": ("mwnet", {}),
