@@ -280,8 +280,8 @@ def section(name: str, out: Path | None) -> list[str]:
             f"## Suite `{name}`: the meta-gradient through the last layers only", "",
             f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md). `meta_grad@head` and "
             "`meta_grad@last2` take the exact meta-gradient through an update of the output layer (the last two "
-            "layers) only (`--meta-layers head`, `last:2`); every variant runs at the hyper-parameters tuned for "
-            "`meta_grad` in the matching suite; differences paired by seed against the default (all layers). "
+            "layers) only (`--meta-layers head`, `last:2`); every variant runs, on both settings, at the hyper-parameters "
+            "tuned for `meta_grad` on the first setting of the matching suite (the yaml names them); differences paired by seed against the default (all layers). "
             "`time x` is measured while two runs share the 2 cores; `benchmarks/teach_step.py` gives the clean ratios.", "",
             *variant_table(out), "",
         ]  # fmt: skip
