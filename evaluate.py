@@ -427,6 +427,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     flags += ["--data-root", cfg.data_root] if cfg.data_root else []
     flags += ["--download"] if cfg.download else []
     episodes = -(-cfg.pretrain_steps // cfg.steps)  # a pre-training with seed s meets seeds s .. s + episodes - 1
+    resolved = resolved_options(cfg.leave_one_out, (cfg.agent_options or {}).get(cfg.leave_one_out) or {})
     paths: dict[str, dict[str, str]] = {}
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
@@ -437,7 +438,6 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
                 "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * episodes), "--device", cfg.device,
                 "--threads", str(cfg.threads), "--no-progress", *flags,
             ]  # fmt: skip
-            resolved = resolved_options(cfg.leave_one_out, (cfg.agent_options or {}).get(cfg.leave_one_out) or {})
             # another pre-training, or one under other defaults, never reuses this one
             digest = hashlib.sha256(json.dumps([argv, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
             run = out / "pretrained" / f"{folder}-{digest}"

@@ -305,11 +305,7 @@ class MetaGradTeacher(Teacher):
         if handle is None:
             raise RuntimeError(f"{self.name} with alignment reads the student: call teacher.attach(env.unwrapped.handle) first")
         if handle.val_head_grad is None:
-            with torch.no_grad():
-                val_indices = handle.val_indices(self.hp.val_batch)
-                handle.val_head_grad = head_gradient(
-                    *handle.val_outputs(handle.params, val_indices), handle.data.val.y[val_indices]
-                )
+            handle.val_head_grad, _ = head_validation_gradient(handle, handle.params, handle.val_indices(self.hp.val_batch))
         logits, hidden = handle.batch_outputs
         return head_gradient_cosine(output_errors(logits, handle.pool.y[handle.batch_indices]), hidden, handle.val_head_grad)
 
@@ -437,13 +433,20 @@ def head_alignment(
     where (V, v) = (e_val^T H_val, sum e_val) / m is grad L_val(after) with respect to the head. The
     batch's logits and head inputs come from the real forward (``transition``); the only new work is
     one validation forward."""
+    val_grad, val_loss = head_validation_gradient(handle, after, val_indices)
     with torch.no_grad():
-        logits, val_hidden = handle.val_outputs(after, val_indices)
-        labels = handle.data.val.y[val_indices]
-        val_grad = head_gradient(logits, val_hidden, labels)
         err = output_errors(transition.logits, handle.pool.y[transition.indices])
         inner = head_inner_products(err, transition.head_input, val_grad)
-    return inner, F.cross_entropy(logits, labels), val_grad
+    return inner, val_loss, val_grad
+
+
+def head_validation_gradient(handle: StudentHandle, params: Params, val_indices: torch.Tensor) -> tuple[Params, torch.Tensor]:
+    """(grad L_val, L_val) for the validation samples ``val_indices`` under ``params``, the gradient with
+    respect to the output layer only, in closed form from one validation forward (no autograd)."""
+    with torch.no_grad():
+        logits, hidden = handle.val_outputs(params, val_indices)
+        labels = handle.data.val.y[val_indices]
+        return head_gradient(logits, hidden, labels), F.cross_entropy(logits, labels)
 
 
 def output_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
