@@ -24,14 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+from agents.meta_grad import MetaGradOptions  # noqa: E402
 from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
 from runconfig import setting_label  # noqa: E402
 
 SUITES = (
     "mnist1d", "digits", "mnist", "transfer_tuning", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
 )  # fmt: skip
-# meta_weight_decay of the pre-trainings (1e-4: meta_grad's default), chosen on tuning seeds
-TRANSFER_DECAYS = (1e-4, 0.3, 1.0, 3.0)
+# meta_grad options of the transfer suite's pre-trainings, chosen on tuning seeds by a coordinate search:
+# meta_weight_decay at meta_grad's default teacher_lr (1e-4: its default decay), then teacher_lr at the chosen decay
+TRANSFER_CANDIDATES = (
+    {"meta_weight_decay": 1e-4}, {"meta_weight_decay": 0.3}, {"meta_weight_decay": 1.0}, {"meta_weight_decay": 3.0},
+    {"meta_weight_decay": 0.3, "teacher_lr": 0.003}, {"meta_weight_decay": 0.3, "teacher_lr": 0.001},
+)  # fmt: skip
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
@@ -81,54 +86,78 @@ def run_rl_suite(out: Path) -> None:
                    "--device", "cpu", "--workers", "2", "--out", str(out), "--resume", "--no-progress"])  # fmt: skip
 
 
+def candidate_folder(options: dict[str, float]) -> str:
+    """Folder of one pre-training candidate's tuning runs, e.g. decay-0.3 or decay-0.3-teacher_lr-0.003."""
+    return "-".join(f"{'decay' if key == 'meta_weight_decay' else key}-{value:g}" for key, value in options.items())
+
+
+def candidate_label(options: dict[str, float]) -> str:
+    """How the transfer-tuning table names a candidate, e.g. ``meta_weight_decay 0.3, teacher_lr 0.003``."""
+    return ", ".join(f"{key} {value:g}" for key, value in options.items())
+
+
+def pretraining_options(options: dict[str, float]) -> dict[str, float]:
+    """The tuned options of a pre-training given ``options``: meta_grad's defaults for those not given."""
+    defaults = MetaGradOptions()
+    return {key: options.get(key, getattr(defaults, key)) for key in ("meta_weight_decay", "teacher_lr")}
+
+
 def run_transfer_tuning(out: Path) -> None:
-    """The transfer suite once per pre-training weight decay in ``TRANSFER_DECAYS``, two pre-trainings
+    """The transfer suite once per pre-training candidate in ``TRANSFER_CANDIDATES``, two pre-trainings
     per held-out setting on seeds of their own, on tuning students (seeds ``TRANSFER_TUNING_SEED`` +
-    0..4): neither the teachers nor the students are reported. The transfer suite uses the decay with
-    the best mean held-out accuracy."""
-    for decay in TRANSFER_DECAYS:
+    0..4): neither the teachers nor the students are reported. The transfer suite uses the candidate
+    with the best mean held-out accuracy."""
+    for options in TRANSFER_CANDIDATES:
         evaluate.main([
             "--suite", str(ROOT / "suites" / "results" / "transfer.yaml"), "--agents", "uniform", "--pretrain-seeds", "2",
-            "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED), "--agent-options", json.dumps({"meta_grad": {"meta_weight_decay": decay}}),
-            "--out", str(out / f"decay-{decay:g}"), "--resume", "--no-progress",
+            "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED), "--agent-options", json.dumps({"meta_grad": options}),
+            "--out", str(out / candidate_folder(options)), "--resume", "--no-progress",
         ])  # fmt: skip
 
 
 def transfer_tuning_table(out: Path) -> list[str]:
-    """Per pre-training weight decay: the tuning criterion (best held-out accuracy, mean over settings,
+    """Per pre-training candidate: the tuning criterion (best held-out accuracy, mean over settings,
     students and pre-trainings) and the mean final Δ against uniform per held-out setting; then which
-    decay wins and whether transfer.yaml uses it."""
-    results = {d: json.loads((out / f"decay-{d:g}" / "results.json").read_text())["runs"] for d in TRANSFER_DECAYS}
-    labels = list(dict.fromkeys(setting_label(r) for r in results[TRANSFER_DECAYS[0]]))
+    candidate wins and whether transfer.yaml uses it."""
+    names = [candidate_label(options) for options in TRANSFER_CANDIDATES]
+    results = {
+        name: json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
+        for name, options in zip(names, TRANSFER_CANDIDATES)
+    }
+    labels = list(dict.fromkeys(setting_label(r) for r in results[names[0]]))
     lines = [
-        "| pre-training meta_weight_decay | mean best held-out acc (criterion) | "
+        "| pre-training options | mean best held-out acc (criterion) | "
         + " | ".join(f"Δ final vs uniform, held out {label}" for label in labels)
         + " |",
         "|---|---|" + "---|" * len(labels),
     ]
-    taught = {d: [r for r in runs if r["agent"] != "uniform"] for d, runs in results.items()}
+    taught = {name: [r for r in runs if r["agent"] != "uniform"] for name, runs in results.items()}
     scores = {}
-    for decay, runs in results.items():
-        scores[decay] = float(np.mean([r["best_val_acc"] for r in taught[decay]]))
+    for name, runs in results.items():
+        scores[name] = float(np.mean([r["best_val_acc"] for r in taught[name]]))
         deltas = []
         for label in labels:
             uniform = {r["seed"]: r[FINAL] for r in runs if r["agent"] == "uniform" and setting_label(r) == label}
-            mine = [r[FINAL] - uniform[r["seed"]] for r in taught[decay] if setting_label(r) == label]
+            mine = [r[FINAL] - uniform[r["seed"]] for r in taught[name] if setting_label(r) == label]
             deltas.append(f"{100 * np.mean(mine):+.1f}")
-        lines.append(f"| {decay:g} | {100 * scores[decay]:.1f} | " + " | ".join(deltas) + " |")
+        lines.append(f"| {name} | {100 * scores[name]:.1f} | " + " | ".join(deltas) + " |")
     chosen = max(scores, key=scores.get)
     nested = []  # the choice each held-out setting would get from the other settings' tuning runs alone
     for label in labels:
-        others = {d: float(np.mean([r["best_val_acc"] for r in rows if setting_label(r) != label])) for d, rows in taught.items()}
-        nested.append(f"{label} {max(others, key=others.get):g}")
+        others = {n: float(np.mean([r["best_val_acc"] for r in rows if setting_label(r) != label])) for n, rows in taught.items()}
+        nested.append(f"{label}: {max(others, key=others.get)}")
     options = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text()).get("agent_options") or {}
-    used = (options.get("meta_grad") or {}).get("meta_weight_decay")
-    verdict = "uses it" if used == chosen else f"uses {used} instead"
+    used = pretraining_options(options.get("meta_grad") or {})
+    verdict = (
+        "uses it"
+        if used == pretraining_options(TRANSFER_CANDIDATES[names.index(chosen)])
+        else f"uses {candidate_label(used)} instead"
+    )
     return [
         *lines, "",
-        f"Chosen: {chosen:g}; `suites/results/transfer.yaml` {verdict}. Chosen without the held-out setting's own "
-        f"tuning runs (from the other three settings'): {'; '.join(nested)}. With two pre-trainings per decay the "
-        "table carries no interval: a margin of a point or two between decays is not established.", "",
+        f"Chosen: {chosen}; `suites/results/transfer.yaml` {verdict}. Chosen without the held-out setting's own "
+        f"tuning runs (from the other three settings'): {'; '.join(nested)}. With two pre-trainings per candidate the "
+        "table carries no interval: a margin of a point or two between candidates is not established.", "",
     ]  # fmt: skip
 
 
@@ -258,13 +287,15 @@ def section(name: str, out: Path | None) -> list[str]:
         return [*lines, "### " + tables, "### What the numbers say", "", *reading(summary), ""]
     if name == "transfer_tuning":
         return [
-            "## Suite `transfer_tuning`: the pre-training's teacher weight decay, chosen on tuning seeds", "",
-            f"The transfer suite below, run once per `meta_weight_decay` of its pre-trainings (two per held-out "
-            f"setting), on tuning students (seeds {TRANSFER_TUNING_SEED}-{TRANSFER_TUNING_SEED + 4}) that are not "
-            f"reported, with pre-trainings of their own (seeds {TRANSFER_TUNING_PRETRAIN_SEED} on, not the reported "
-            "teachers); criterion: the best "
-            "held-out accuracy, as `--tune` uses. A stronger decay keeps the teacher's parameters, and so its logits, "
-            "small: the aim is a frozen teacher that drops fewer samples of a student it cannot yet judge. Reports: "
+            "## Suite `transfer_tuning`: the pre-training's teacher options, chosen on tuning seeds", "",
+            f"The transfer suite below, run once per candidate set of `meta_grad` options for its pre-trainings (two "
+            f"per held-out setting), on tuning students (seeds {TRANSFER_TUNING_SEED}-{TRANSFER_TUNING_SEED + 4}) that "
+            f"are not reported, with pre-trainings of their own (seeds {TRANSFER_TUNING_PRETRAIN_SEED} on, not the "
+            "reported teachers); criterion: the best held-out accuracy, as `--tune` uses. The candidates follow a "
+            "coordinate search: `meta_weight_decay` at meta_grad's default teacher_lr, then `teacher_lr` at the chosen "
+            "decay. The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
+            "so the two act together; where that shrinkage outweighs the meta-gradient, the teacher ends at its trivial "
+            "fixed point (every parameter near zero, constant weights, AUROC 0.500). Reports: "
             f"`docs/results/{name}/decay-*/report.md`.", "",
             *transfer_tuning_table(out),
         ]  # fmt: skip
@@ -309,7 +340,7 @@ def section(name: str, out: Path | None) -> list[str]:
 def finished(name: str) -> Path | None:
     """The suite's folder when all its results are there (docs/results.md is rewritten from them)."""
     done = ROOT / "docs" / "results" / name
-    parts = [done / f"decay-{d:g}" for d in TRANSFER_DECAYS] if name == "transfer_tuning" else [done]
+    parts = [done / candidate_folder(options) for options in TRANSFER_CANDIDATES] if name == "transfer_tuning" else [done]
     return done if all((part / "results.json").exists() for part in parts) else None
 
 

@@ -20,15 +20,15 @@ def _row(agent: str, dataset: str, seed: int, final: float, best_val: float) -> 
     return {**setting, "agent": agent, "seed": seed, "final_test_acc": final, "best_val_acc": best_val}
 
 
-@pytest.mark.parametrize("winner", [0, len(results.TRANSFER_DECAYS) - 1])
+@pytest.mark.parametrize("winner", [0, len(results.TRANSFER_CANDIDATES) - 1])
 def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accuracy(tmp_path, winner):
-    decays = results.TRANSFER_DECAYS
-    mnist1d_best = (winner + 2) % len(decays)
-    for i, decay in enumerate(decays):
+    candidates = results.TRANSFER_CANDIDATES
+    mnist1d_best = (winner + 2) % len(candidates)
+    for i, options in enumerate(candidates):
         runs = []
         for dataset, uniform in (("mnist1d", 0.50), ("digits", 0.70)):
             for seed in (1000, 1001):
-                decoy = 1.0 if i == (winner + 1) % len(decays) else 0.0  # uniform's accuracy must not count
+                decoy = 1.0 if i == (winner + 1) % len(candidates) else 0.0  # uniform's accuracy must not count
                 runs.append(_row("uniform", dataset, seed, uniform + 0.01 * (seed % 2), decoy))
                 for k in (1, 2):  # two pre-trainings; the winner's mean held-out accuracy is the highest,
                     # but mnist1d_best wins on mnist1d, so digits held out (judged on mnist1d alone) gets it
@@ -37,15 +37,30 @@ def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accur
                     runs.append(
                         _row(f"meta_grad@held-out#{k}", dataset, seed, uniform + 0.01 * (seed % 2) + 0.01 * k * (i + 1), best_val)
                     )
-        (tmp_path / f"decay-{decay:g}").mkdir()
-        (tmp_path / f"decay-{decay:g}" / "results.json").write_text(json.dumps({"runs": runs}))
+        (tmp_path / results.candidate_folder(options)).mkdir()
+        (tmp_path / results.candidate_folder(options) / "results.json").write_text(json.dumps({"runs": runs}))
+    assert len({results.candidate_folder(options) for options in candidates}) == len(candidates)
     lines = results.transfer_tuning_table(tmp_path)
-    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == len(decays)
-    for i, row in enumerate(rows):  # Δ = mean over pre-trainings k = 1, 2 of 0.01 k (i + 1), in points
+    rows = lines[2 : 2 + len(candidates)]
+    for i, (row, options) in enumerate(zip(rows, candidates)):  # Δ = mean over k = 1, 2 of 0.01 k (i + 1), in points
         cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == results.candidate_label(options)
         assert cells[2:] == [f"{1.5 * (i + 1):+.1f}"] * 2, row
+    assert lines[2 + len(candidates)] == ""
     used = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text())["agent_options"]["meta_grad"]
-    verdict = "uses it" if used["meta_weight_decay"] == decays[winner] else "instead"
-    assert f"Chosen: {decays[winner]:g};" in lines[-2] and verdict in lines[-2]
-    assert f"mnist1d/mlp/symmetric 0.4 {decays[winner]:g}; digits/mlp/symmetric 0.4 {decays[mnist1d_best]:g}." in lines[-2]
+    same = results.pretraining_options(used) == results.pretraining_options(candidates[winner])
+    assert f"Chosen: {results.candidate_label(candidates[winner])};" in lines[-2]
+    assert ("uses it" in lines[-2]) == same
+    digits_choice = results.candidate_label(candidates[mnist1d_best])
+    assert (
+        f"mnist1d/mlp/symmetric 0.4: {results.candidate_label(candidates[winner])}; digits/mlp/symmetric 0.4: {digits_choice}."
+        in lines[-2]
+    )
+
+
+def test_a_candidate_without_teacher_lr_is_meta_grads_default_teacher_lr():
+    """transfer.yaml naming the default teacher_lr explicitly, or not at all, is the same pre-training."""
+    default = results.MetaGradOptions().teacher_lr
+    assert results.pretraining_options({"meta_weight_decay": 0.3}) == {"meta_weight_decay": 0.3, "teacher_lr": default}
+    assert results.pretraining_options({"teacher_lr": 0.003}) != results.pretraining_options({})
+    assert results.candidate_folder({"meta_weight_decay": 0.3}) == "decay-0.3"  # the folders of earlier tuning runs
