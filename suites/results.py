@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -24,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from agents.meta_grad import MetaGradOptions  # noqa: E402
 from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
 from runconfig import setting_label  # noqa: E402
 
@@ -37,6 +37,7 @@ TRANSFER_CANDIDATES = (
     {"meta_weight_decay": 1e-4}, {"meta_weight_decay": 0.3}, {"meta_weight_decay": 1.0}, {"meta_weight_decay": 3.0},
     {"meta_weight_decay": 0.3, "teacher_lr": 0.003}, {"meta_weight_decay": 0.3, "teacher_lr": 0.001},
 )  # fmt: skip
+TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
@@ -86,20 +87,30 @@ def run_rl_suite(out: Path) -> None:
                    "--device", "cpu", "--workers", "2", "--out", str(out), "--resume", "--no-progress"])  # fmt: skip
 
 
-def candidate_folder(options: dict[str, float]) -> str:
+def _option_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def candidate_folder(options: dict[str, Any]) -> str:
     """Folder of one pre-training candidate's tuning runs, e.g. decay-0.3 or decay-0.3-teacher_lr-0.003."""
-    return "-".join(f"{'decay' if key == 'meta_weight_decay' else key}-{value:g}" for key, value in options.items())
+    return "-".join(f"{'decay' if key == 'meta_weight_decay' else key}-{_option_text(value)}" for key, value in options.items())
 
 
-def candidate_label(options: dict[str, float]) -> str:
+def candidate_label(options: dict[str, Any]) -> str:
     """How the transfer-tuning table names a candidate, e.g. ``meta_weight_decay 0.3, teacher_lr 0.003``."""
-    return ", ".join(f"{key} {value:g}" for key, value in options.items())
+    return ", ".join(f"{key} {_option_text(value)}" for key, value in options.items())
 
 
-def pretraining_options(options: dict[str, float]) -> dict[str, float]:
-    """The tuned options of a pre-training given ``options``: meta_grad's defaults for those not given."""
-    defaults = MetaGradOptions()
-    return {key: options.get(key, getattr(defaults, key)) for key in ("meta_weight_decay", "teacher_lr")}
+def transfer_tuning_argv(options: dict[str, Any], out: Path) -> list[str]:
+    """evaluate.py's arguments for one candidate's tuning runs: the transfer suite with meta_grad's
+    options replaced by ``options`` as a whole (what the candidate leaves out is meta_grad's default,
+    not transfer.yaml's choice), on tuning students and pre-training seeds."""
+    return [
+        "--suite", str(TRANSFER_SUITE), "--agents", "uniform", "--pretrain-seeds", "2",
+        "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED),
+        "--agent-options", json.dumps({"meta_grad": options}), "--out", str(out / candidate_folder(options)),
+        "--resume", "--no-progress",
+    ]  # fmt: skip
 
 
 def run_transfer_tuning(out: Path) -> None:
@@ -108,17 +119,13 @@ def run_transfer_tuning(out: Path) -> None:
     0..4): neither the teachers nor the students are reported. The transfer suite uses the candidate
     with the best mean held-out accuracy."""
     for options in TRANSFER_CANDIDATES:
-        evaluate.main([
-            "--suite", str(ROOT / "suites" / "results" / "transfer.yaml"), "--agents", "uniform", "--pretrain-seeds", "2",
-            "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED), "--agent-options", json.dumps({"meta_grad": options}),
-            "--out", str(out / candidate_folder(options)), "--resume", "--no-progress",
-        ])  # fmt: skip
+        evaluate.main(transfer_tuning_argv(options, out))
 
 
-def transfer_tuning_table(out: Path) -> list[str]:
+def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
     """Per pre-training candidate: the tuning criterion (best held-out accuracy, mean over settings,
     students and pre-trainings) and the mean final Δ against uniform per held-out setting; then which
-    candidate wins and whether transfer.yaml uses it."""
+    candidate wins and whether ``suite`` (the transfer suite) pre-trains with it."""
     names = [candidate_label(options) for options in TRANSFER_CANDIDATES]
     results = {
         name: json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
@@ -142,22 +149,22 @@ def transfer_tuning_table(out: Path) -> list[str]:
             deltas.append(f"{100 * np.mean(mine):+.1f}")
         lines.append(f"| {name} | {100 * scores[name]:.1f} | " + " | ".join(deltas) + " |")
     chosen = max(scores, key=scores.get)
-    nested = []  # the choice each held-out setting would get from the other settings' tuning runs alone
+    nested = []  # the candidate each held-out setting would get from the other settings' tuning runs alone
     for label in labels:
         others = {n: float(np.mean([r["best_val_acc"] for r in rows if setting_label(r) != label])) for n, rows in taught.items()}
         nested.append(f"{label}: {max(others, key=others.get)}")
-    options = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text()).get("agent_options") or {}
-    used = pretraining_options(options.get("meta_grad") or {})
-    verdict = (
-        "uses it"
-        if used == pretraining_options(TRANSFER_CANDIDATES[names.index(chosen)])
-        else f"uses {candidate_label(used)} instead"
-    )
+    options = yaml.safe_load(suite.read_text()).get("agent_options") or {}
+    used = evaluate.resolved_options("meta_grad", options.get("meta_grad") or {})
+    wanted = evaluate.resolved_options("meta_grad", TRANSFER_CANDIDATES[names.index(chosen)])
+    differing = {key: value for key, value in used.items() if value != wanted[key]}
+    verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
     return [
         *lines, "",
-        f"Chosen: {chosen}; `suites/results/transfer.yaml` {verdict}. Chosen without the held-out setting's own "
-        f"tuning runs (from the other three settings'): {'; '.join(nested)}. With two pre-trainings per candidate the "
-        "table carries no interval: a margin of a point or two between candidates is not established.", "",
+        f"Chosen: {chosen}; `suites/results/transfer.yaml` {verdict}. The best candidate by the other three "
+        f"settings' tuning runs alone, per held-out setting: {'; '.join(nested)} (the choice used each held-out "
+        "setting's own tuning runs too; a nested replay of the two-step search could choose otherwise, as its "
+        "second step ran at decay 0.3 only). With two pre-trainings per candidate the table carries no interval: "
+        "a margin of a point or two between candidates is not established.", "",
     ]  # fmt: skip
 
 

@@ -40,27 +40,42 @@ def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accur
         (tmp_path / results.candidate_folder(options)).mkdir()
         (tmp_path / results.candidate_folder(options) / "results.json").write_text(json.dumps({"runs": runs}))
     assert len({results.candidate_folder(options) for options in candidates}) == len(candidates)
-    lines = results.transfer_tuning_table(tmp_path)
+    suite = tmp_path / "transfer.yaml"
+    suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": dict(candidates[winner])}}))
+    lines = results.transfer_tuning_table(tmp_path, suite)
     rows = lines[2 : 2 + len(candidates)]
     for i, (row, options) in enumerate(zip(rows, candidates)):  # Δ = mean over k = 1, 2 of 0.01 k (i + 1), in points
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == results.candidate_label(options)
+        criterion = {winner: 84.5, mnist1d_best: 67.5}.get(i, 60.0)  # mean held-out accuracy of the taught runs only
+        assert cells[1] == f"{criterion:.1f}", row
         assert cells[2:] == [f"{1.5 * (i + 1):+.1f}"] * 2, row
     assert lines[2 + len(candidates)] == ""
-    used = yaml.safe_load((ROOT / "suites" / "results" / "transfer.yaml").read_text())["agent_options"]["meta_grad"]
-    same = results.pretraining_options(used) == results.pretraining_options(candidates[winner])
-    assert f"Chosen: {results.candidate_label(candidates[winner])};" in lines[-2]
-    assert ("uses it" in lines[-2]) == same
-    digits_choice = results.candidate_label(candidates[mnist1d_best])
+    winner_label = results.candidate_label(candidates[winner])
+    assert f"Chosen: {winner_label}; `suites/results/transfer.yaml` uses it." in lines[-2]
     assert (
-        f"mnist1d/mlp/symmetric 0.4: {results.candidate_label(candidates[winner])}; digits/mlp/symmetric 0.4: {digits_choice}."
+        f"mnist1d/mlp/symmetric 0.4: {winner_label}; digits/mlp/symmetric 0.4: {results.candidate_label(candidates[mnist1d_best])} ("
         in lines[-2]
     )
+    suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": {**candidates[winner], "hidden": 32}}}))
+    assert "transfer.yaml` uses hidden 32 instead." in results.transfer_tuning_table(tmp_path, suite)[-2]
 
 
-def test_a_candidate_without_teacher_lr_is_meta_grads_default_teacher_lr():
-    """transfer.yaml naming the default teacher_lr explicitly, or not at all, is the same pre-training."""
-    default = results.MetaGradOptions().teacher_lr
-    assert results.pretraining_options({"meta_weight_decay": 0.3}) == {"meta_weight_decay": 0.3, "teacher_lr": default}
-    assert results.pretraining_options({"teacher_lr": 0.003}) != results.pretraining_options({})
+def test_a_candidate_that_leaves_teacher_lr_out_pre_trains_at_meta_grads_default_not_at_transfer_yamls():
+    """Each candidate's runs replace meta_grad's options of transfer.yaml as a whole: the decay-only
+    candidates run at meta_grad's default teacher_lr even though transfer.yaml sets another."""
+    assert "teacher_lr" in yaml.safe_load(results.TRANSFER_SUITE.read_text())["agent_options"]["meta_grad"]
+    for options in results.TRANSFER_CANDIDATES:
+        argv = results.transfer_tuning_argv(options, Path("out"))
+        cfg = results.evaluate.parse_config(results.evaluate.EvalConfig, ["--config" if a == "--suite" else a for a in argv], "")
+        assert cfg.agent_options == {"meta_grad": options}
+        resolved = results.evaluate.resolved_options("meta_grad", cfg.agent_options["meta_grad"])
+        assert resolved["teacher_lr"] == options.get(
+            "teacher_lr", results.evaluate.resolved_options("meta_grad", {})["teacher_lr"]
+        )
+        assert (cfg.seed, cfg.pretrain_seed, cfg.agents) == (
+            results.TRANSFER_TUNING_SEED,
+            results.TRANSFER_TUNING_PRETRAIN_SEED,
+            "uniform",
+        )
     assert results.candidate_folder({"meta_weight_decay": 0.3}) == "decay-0.3"  # the folders of earlier tuning runs
