@@ -301,8 +301,8 @@ def section(name: str, out: Path | None) -> list[str]:
             "reported teachers); criterion: the best held-out accuracy, as `--tune` uses. The candidates follow a "
             "coordinate search: `meta_weight_decay` at meta_grad's default teacher_lr, then `teacher_lr` at the chosen "
             "decay. The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
-            "so the two act together; where that shrinkage outweighs the meta-gradient, the teacher ends at its trivial "
-            "fixed point (every parameter near zero, constant weights, AUROC 0.500). Reports: "
+            "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "
+            "weights shrunk far below a working teacher's (see `suites/results/transfer.yaml`). Reports: "
             f"`docs/results/{name}/decay-*/report.md`.", "",
             *transfer_tuning_table(out),
         ]  # fmt: skip
