@@ -489,11 +489,15 @@ def failed_jobs(out: Path, missing: list[Job]) -> list[dict[str, str]]:
     return [{"job": job.label, "error": errors.get(job.key, {}).get("error", "did not finish")} for job in missing]
 
 
+def parse_args(argv: list[str]) -> EvalConfig:
+    """The benchmark's configuration from command-line arguments (a suite is a config file with a grid)."""
+    argv = ["--config" if a == "--suite" else a for a in argv]
+    return parse_config(EvalConfig, argv, __doc__.splitlines()[0] + " (--suite FILE.yaml: a --config file with a grid)")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Parse, check everything that can fail before training, tune, run the jobs, write the outputs."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = ["--config" if a == "--suite" else a for a in argv]  # a suite is a config file with a grid
-    cfg = parse_config(EvalConfig, argv, __doc__.splitlines()[0] + " (--suite FILE.yaml: a --config file with a grid)")
+    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = Path(cfg.out)
     try:
         if out.exists() and not out.is_dir():

@@ -67,7 +67,7 @@ def test_a_candidate_that_leaves_teacher_lr_out_pre_trains_at_meta_grads_default
     assert "teacher_lr" in yaml.safe_load(results.TRANSFER_SUITE.read_text())["agent_options"]["meta_grad"]
     for options in results.TRANSFER_CANDIDATES:
         argv = results.transfer_tuning_argv(options, Path("out"))
-        cfg = results.evaluate.parse_config(results.evaluate.EvalConfig, ["--config" if a == "--suite" else a for a in argv], "")
+        cfg = results.evaluate.parse_args(argv)
         assert cfg.agent_options == {"meta_grad": options}
         resolved = results.evaluate.resolved_options("meta_grad", cfg.agent_options["meta_grad"])
         assert resolved["teacher_lr"] == options.get(
