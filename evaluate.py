@@ -216,7 +216,7 @@ class Job:
             "resolved": None if self.teacher_path else resolved_options(self.agent_name, self.agent_options),
         }  # fmt: skip
         fields = [self.stage, self.setting, self.agent, self.seed, self.lr, dict(self.options), context]
-        return json.dumps(fields, sort_keys=True, default=str)
+        return canonical_key(json.dumps(fields, sort_keys=True, default=str))
 
     @property
     def label(self) -> str:
@@ -244,6 +244,23 @@ def resolved_options(agent: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every option ``agent`` is built with from ``options``, its defaults included: a run key or a
     pre-training digest holding them makes ``--resume`` re-run what a changed default changes."""
     return dataclasses.asdict(agent_class(agent).Options(**options))
+
+
+def without_legacy_values(agent: str, resolved: dict[str, Any]) -> dict[str, Any]:
+    """``resolved`` less the options at the value that reproduces the agent from before they existed
+    (``Teacher.legacy_options``): a run recorded then and one recorded now with that value did the same."""
+    legacy = agent_class(agent).legacy_options
+    return {name: value for name, value in resolved.items() if name not in legacy or legacy[name] != value}
+
+
+def canonical_key(key: str) -> str:
+    """A run key (``Job.key``, or one read from runs.jsonl) with its resolved options less their legacy
+    values, so that adding an option to an agent leaves the keys of the runs it does not change valid."""
+    fields = json.loads(key)
+    context, agent = fields[-1], base_agent(fields[2])
+    if context.get("resolved") is not None and agent in AGENTS:
+        context["resolved"] = without_legacy_values(agent, context["resolved"])
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def base_agent(label: str) -> str:
@@ -427,7 +444,8 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     flags += ["--data-root", cfg.data_root] if cfg.data_root else []
     flags += ["--download"] if cfg.download else []
     episodes = -(-cfg.pretrain_steps // cfg.steps)  # a pre-training with seed s meets seeds s .. s + episodes - 1
-    resolved = resolved_options(cfg.leave_one_out, (cfg.agent_options or {}).get(cfg.leave_one_out) or {})
+    options = (cfg.agent_options or {}).get(cfg.leave_one_out) or {}
+    resolved = without_legacy_values(cfg.leave_one_out, resolved_options(cfg.leave_one_out, options))
     paths: dict[str, dict[str, str]] = {}
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
@@ -485,7 +503,7 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
 
 def failed_jobs(out: Path, missing: list[Job]) -> list[dict[str, str]]:
     """The latest recorded error of every job that did not finish (``errors.jsonl``)."""
-    errors = read_finished(out / "errors.jsonl")
+    errors = read_finished(out / "errors.jsonl", canonical_key)
     return [{"job": job.label, "error": errors.get(job.key, {}).get("error", "did not finish")} for job in missing]
 
 
@@ -519,7 +537,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         return benchmark(cfg, sweep, out, tuning)
     except KeyboardInterrupt:
-        done = len(read_finished(out / "runs.jsonl"))
+        done = len(read_finished(out / "runs.jsonl", canonical_key))
         print(f"evaluate.py: interrupted; {done} finished runs are kept; resume with --resume --out {out}", file=sys.stderr)
         sys.exit(130)
 
@@ -528,7 +546,7 @@ def benchmark(cfg: EvalConfig, sweep: Sweep, out: Path, tuning: list[Job]) -> li
     """Tune, pre-train held-out teachers, run the reported jobs and write every output."""
     chosen, choices, held_out = {}, [], None
     if tuning:
-        finished = sweep.run(tuning, run_job, out, "tuning", cfg.progress)
+        finished = sweep.run(tuning, run_job, out, "tuning", cfg.progress, canonical_key)
         chosen, choices = choose(cfg, [finished[job.key] for job in tuning if job.key in finished])
     if cfg.leave_one_out:
         held_out = pretrain_held_out(cfg, out)
@@ -538,7 +556,7 @@ def benchmark(cfg: EvalConfig, sweep: Sweep, out: Path, tuning: list[Job]) -> li
             print(f"evaluate.py: error: {e}", file=sys.stderr)
             sys.exit(2)
     jobs = report_jobs(cfg, chosen, held_out)
-    finished = sweep.run(jobs, run_job, out, "students", cfg.progress)
+    finished = sweep.run(jobs, run_job, out, "students", cfg.progress, canonical_key)
     results = [finished[job.key] for job in jobs if job.key in finished]
     failures = failed_jobs(out, [job for job in tuning + jobs if job.key not in finished])
     rows = [r["row"] for r in results]

@@ -32,8 +32,9 @@ class BackendError(ValueError):
     """The chosen backend cannot run here (not installed, unreachable, missing resources)."""
 
 
-def read_finished(path: Path) -> dict[str, dict[str, Any]]:
-    """The finished runs recorded in runs.jsonl (a line cut by a crash is ignored)."""
+def read_finished(path: Path, canonical: Callable[[str], str] = str) -> dict[str, dict[str, Any]]:
+    """The finished runs recorded in runs.jsonl by ``canonical`` of their key (a line cut by a crash
+    is ignored); ``canonical`` maps a key of an older format to today's."""
     finished = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -41,7 +42,7 @@ def read_finished(path: Path) -> dict[str, dict[str, Any]]:
                 result = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            finished[result["key"]] = result
+            finished[canonical(result["key"])] = result
     return finished
 
 
@@ -113,12 +114,19 @@ class Sweep:
 
     # ------------------------------------------------------------------ running
     def run(
-        self, jobs: list[Any], run: Callable[..., dict[str, Any]], out: Path, description: str, progress: bool
+        self,
+        jobs: list[Any],
+        run: Callable[..., dict[str, Any]],
+        out: Path,
+        description: str,
+        progress: bool,
+        canonical: Callable[[str], str] = str,
     ) -> dict[str, dict]:
-        """Run every job not yet in ``out/runs.jsonl``; returns key -> result of every finished job
-        (failures are appended to ``out/errors.jsonl`` and left out)."""
+        """Run every job not yet in ``out/runs.jsonl`` (keys compared after ``canonical``, which jobs'
+        keys already are); returns key -> result of every finished job (failures are appended to
+        ``out/errors.jsonl`` and left out)."""
         log, errors = out / "runs.jsonl", out / "errors.jsonl"
-        finished = read_finished(log)
+        finished = read_finished(log, canonical)
         todo = [job for job in jobs if job.key not in finished]
         bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not progress, desc=description, unit="run")
         try:

@@ -179,7 +179,8 @@ class MetaGradTeacher(Teacher):
     validation gradient, trained by exact meta-gradients through the last ``unroll`` real student updates."""
 
     reads_internal = "features"
-    legacy_options = {"alignment": False}  # teachers saved before the alignment input existed
+    # teachers (and run keys) from before the alignment input and the activation option existed
+    legacy_options = {"alignment": False, "activation": "relu"}
 
     name = "meta_grad"
     kind = "online"

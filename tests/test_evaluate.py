@@ -305,6 +305,27 @@ def test_cuda_on_a_machine_without_a_gpu_is_refused_before_anything_runs(capsys,
     assert "torch.cuda.is_available() is False" in err and not (tmp_path / "report").exists()
 
 
+def test_runs_recorded_before_an_option_existed_resume_and_other_values_re_run(tmp_path, monkeypatch):
+    """A run key written before an option existed lacks it; one written while it existed holds it at its
+    legacy value (``legacy_options``: what the agent did before): both name the same run. Another value
+    of that option is another run."""
+    argv = ["--agents", "meta_grad", "--seeds", "1"]
+    _evaluate(tmp_path, *argv)
+    log = tmp_path / "report" / "runs.jsonl"
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert "activation" not in json.loads(record["key"])[-1]["resolved"], "the legacy value is not part of the key"
+    real_run_job, calls = evaluate.run_job, []
+    monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job.agent) or real_run_job(job))
+    for recorded in ({}, {"activation": "relu"}):  # before the option, and while it held its legacy value
+        fields = json.loads(record["key"])
+        fields[-1]["resolved"] = {**fields[-1]["resolved"], **recorded}
+        log.write_text(json.dumps({**record, "key": json.dumps(fields, sort_keys=True)}) + "\n")
+        _evaluate(tmp_path, *argv, "--resume")
+        assert calls == [], f"a run recorded with {recorded or 'no activation option'} is reused"
+    rows = _evaluate(tmp_path, *argv, "--agent-options", "{meta_grad: {activation: leaky_relu}}", "--resume")
+    assert calls == ["meta_grad"] and len(rows) == 1, "another activation runs again"
+
+
 def test_a_changed_default_re_runs_on_resume(tmp_path, monkeypatch):
     """Run keys hold every option an agent is built with, so that ``--resume`` after a default changed
     (e.g. a new version of a teacher) re-runs its jobs instead of reusing results of the old default."""
