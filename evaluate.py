@@ -96,6 +96,12 @@ class EvalConfig(EnvSetting, StudentTraining):
         "<agent>@held-out#k, and the report adds the spread between them (a transfer result varies with the pre-training)",
         low=1,
     )
+    pretrain_options: dict | None = field(
+        None,
+        "--leave-one-out: options of the pre-trainings per held-out setting, over its --agent-options entry, as YAML "
+        "'{dataset/student/noise rate: {option: value}}', e.g. '{digits/mlp/symmetric 0.4: {teacher_lr: 0.03}}' "
+        "(options chosen without the held-out setting's own runs)",
+    )
     seeds: int = field(3, "reported seeds per (setting, agent): seed, seed + 1, ...", low=1)
     steps: int = field(2000, "student updates per run", low=1)
     tune: dict | None = field(
@@ -151,11 +157,30 @@ class EvalConfig(EnvSetting, StudentTraining):
                 raise ValueError(f"--leave-one-out pre-trains an online teacher; {self.leave_one_out!r} is not one")
             if len(self.settings) < 2:
                 raise ValueError("--leave-one-out needs a grid of at least two settings")
+        self._check_pretrain_options()
         if self.tune and self.tune_seed < self.seed + self.seeds and self.seed < self.tune_seed + self.tune_seeds:
             raise ValueError(
                 f"tuning seeds {self.tune_seed}..{self.tune_seed + self.tune_seeds - 1} overlap the reported seeds "
                 f"{self.seed}..{self.seed + self.seeds - 1}; move --tune-seed"
             )
+
+    def _check_pretrain_options(self) -> None:
+        """--pretrain-options: only with --leave-one-out, keyed by settings of the grid, with options its agent has."""
+        if not self.pretrain_options:
+            return
+        if self.leave_one_out is None:
+            raise ValueError("--pretrain-options sets the pre-trainings of --leave-one-out, which is not given")
+        labels = [setting_label(s) for s in self.settings]
+        for label, values in self.pretrain_options.items():
+            if label not in labels:
+                raise ValueError(f"--pretrain-options names the setting {label!r}, which is not in the grid: {', '.join(labels)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"--pretrain-options must map setting -> {{option: value}}, got {values!r} for {label!r}")
+            make_agent(self.leave_one_out, **options_for(self.leave_one_out, self.held_out_options(label)))  # bad options by name
+
+    def held_out_options(self, label: str) -> dict[str, Any]:
+        """The --leave-one-out agent's options for the pre-trainings held out from the setting ``label``."""
+        return held_out_options(self.agent_options, self.pretrain_options, self.leave_one_out, label)
 
     @property
     def settings(self) -> list[dict[str, Any]]:
@@ -238,6 +263,12 @@ class Job:
     @property
     def agent_name(self) -> str:
         return base_agent(self.agent)
+
+
+def held_out_options(agent_options: dict | None, pretrain_options: dict | None, agent: str, label: str) -> dict[str, Any]:
+    """The options of ``agent``'s pre-trainings held out from the setting ``label``: its --agent-options entry,
+    then that setting's --pretrain-options entry over it."""
+    return {**(agent_options or {}).get(agent, {}), **(pretrain_options or {}).get(label, {})}
 
 
 def resolved_options(agent: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -440,15 +471,15 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     import train_teacher
 
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
-    flags = as_flags(student) + as_flags((cfg.agent_options or {}).get(cfg.leave_one_out) or {})
-    flags += ["--data-root", cfg.data_root] if cfg.data_root else []
-    flags += ["--download"] if cfg.download else []
+    data = ["--data-root", cfg.data_root] if cfg.data_root else []
+    data += ["--download"] if cfg.download else []
     episodes = -(-cfg.pretrain_steps // cfg.steps)  # a pre-training with seed s meets seeds s .. s + episodes - 1
-    options = (cfg.agent_options or {}).get(cfg.leave_one_out) or {}
-    resolved = without_legacy_values(cfg.leave_one_out, resolved_options(cfg.leave_one_out, options))
     paths: dict[str, dict[str, str]] = {}
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
+        options = cfg.held_out_options(setting_label(setting))
+        flags = as_flags(student) + as_flags(options) + data
+        resolved = without_legacy_values(cfg.leave_one_out, resolved_options(cfg.leave_one_out, options))
         folder = f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         for k in range(cfg.pretrain_seeds):
             argv = [

@@ -31,12 +31,11 @@ from runconfig import setting_label  # noqa: E402
 SUITES = (
     "mnist1d", "digits", "mnist", "transfer_tuning", "transfer", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
 )  # fmt: skip
-# meta_grad options of the transfer suite's pre-trainings, chosen on tuning seeds by a coordinate search:
-# meta_weight_decay at meta_grad's default teacher_lr (1e-4: its default decay), then teacher_lr at the chosen decay
-TRANSFER_CANDIDATES = (
-    {"meta_weight_decay": 1e-4}, {"meta_weight_decay": 0.3}, {"meta_weight_decay": 1.0}, {"meta_weight_decay": 3.0},
-    {"meta_weight_decay": 0.3, "teacher_lr": 0.003}, {"meta_weight_decay": 0.3, "teacher_lr": 0.001},
-)  # fmt: skip
+# meta_grad options of the transfer suite's pre-trainings, chosen on tuning seeds for each held-out setting from
+# the other settings' tuning runs alone, by a coordinate search: meta_weight_decay at meta_grad's default teacher_lr
+# (1e-4 is its default decay), then teacher_lr at the decay chosen
+TRANSFER_DECAYS = (1e-4, 0.3, 1.0, 3.0)
+TRANSFER_TEACHER_LRS = (0.003, 0.001)
 TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
@@ -103,68 +102,117 @@ def candidate_label(options: dict[str, Any]) -> str:
 
 def transfer_tuning_argv(options: dict[str, Any], out: Path) -> list[str]:
     """evaluate.py's arguments for one candidate's tuning runs: the transfer suite with meta_grad's
-    options replaced by ``options`` as a whole (what the candidate leaves out is meta_grad's default,
-    not transfer.yaml's choice), on tuning students and pre-training seeds."""
+    pre-training options replaced by ``options`` as a whole for every held-out setting (what the candidate
+    leaves out is meta_grad's default, not transfer.yaml's choice), on tuning students and pre-training seeds."""
     return [
         "--suite", str(TRANSFER_SUITE), "--agents", "uniform", "--pretrain-seeds", "2",
         "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED),
-        "--agent-options", json.dumps({"meta_grad": options}), "--out", str(out / candidate_folder(options)),
-        "--resume", "--no-progress",
+        "--agent-options", json.dumps({"meta_grad": options}), "--pretrain-options", "{}",
+        "--out", str(out / candidate_folder(options)), "--resume", "--no-progress",
     ]  # fmt: skip
 
 
+def decay_candidates() -> list[dict[str, Any]]:
+    """The search's first coordinate: the teacher's weight decay at meta_grad's default teacher_lr."""
+    return [{"meta_weight_decay": decay} for decay in TRANSFER_DECAYS]
+
+
+def teacher_lr_step(decay: dict[str, Any]) -> list[dict[str, Any]]:
+    """The search's second coordinate at a chosen decay: that decay at the default teacher_lr, then at the others."""
+    return [decay, *({**decay, "teacher_lr": lr} for lr in TRANSFER_TEACHER_LRS)]
+
+
+def tuning_scores(out: Path, candidates: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per candidate, per held-out setting: the mean best held-out accuracy of the teachers pre-trained
+    without that setting, over its tuning students and the pre-trainings (the criterion's terms)."""
+    scores = []
+    for options in candidates:
+        runs = json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
+        taught: dict[str, list[float]] = {}
+        for r in runs:
+            if r["agent"] != "uniform":
+                taught.setdefault(setting_label(r), []).append(r["best_val_acc"])
+        scores.append({label: float(np.mean(values)) for label, values in taught.items()})
+    return scores
+
+
+def best_without(candidates: list[dict[str, Any]], scores: list[dict[str, float]], held_out: str) -> dict[str, Any]:
+    """The candidate with the best mean score over the settings other than ``held_out`` (the first on a tie)."""
+    criterion = [np.mean([value for label, value in score.items() if label != held_out]) for score in scores]
+    return candidates[int(np.argmax(criterion))]
+
+
+def chosen_decays(out: Path) -> dict[str, dict[str, Any]]:
+    """Per held-out setting, the decay candidate the other settings' tuning runs choose."""
+    decays = decay_candidates()
+    scores = tuning_scores(out, decays)
+    return {label: best_without(decays, scores, label) for label in scores[0]}
+
+
+def transfer_candidates(out: Path) -> list[dict[str, Any]]:
+    """Every candidate the search runs: the decays, then teacher_lr at each decay some held-out setting chose
+    (needs the decays' tuning runs in ``out``)."""
+    candidates = decay_candidates()
+    for decay in chosen_decays(out).values():
+        candidates += [options for options in teacher_lr_step(decay) if options not in candidates]
+    return candidates
+
+
+def transfer_choice(out: Path) -> dict[str, dict[str, Any]]:
+    """Per held-out setting, the pre-training options the search chooses from the other settings' tuning runs."""
+    choice = {}
+    for label, decay in chosen_decays(out).items():
+        step = teacher_lr_step(decay)
+        choice[label] = best_without(step, tuning_scores(out, step), label)
+    return choice
+
+
 def run_transfer_tuning(out: Path) -> None:
-    """The transfer suite once per pre-training candidate in ``TRANSFER_CANDIDATES``, two pre-trainings
-    per held-out setting on seeds of their own, on tuning students (seeds ``TRANSFER_TUNING_SEED`` +
-    0..4): neither the teachers nor the students are reported. The transfer suite uses the candidate
-    with the best mean held-out accuracy."""
-    for options in TRANSFER_CANDIDATES:
+    """The transfer suite once per candidate of the search, two pre-trainings per held-out setting on seeds of
+    their own, on tuning students (seeds ``TRANSFER_TUNING_SEED`` + 0..4): neither the teachers nor the students
+    are reported. The transfer suite pre-trains, per held-out setting, with the options ``transfer_choice`` gives."""
+    for options in decay_candidates():
+        evaluate.main(transfer_tuning_argv(options, out))
+    for options in transfer_candidates(out)[len(TRANSFER_DECAYS) :]:
         evaluate.main(transfer_tuning_argv(options, out))
 
 
 def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
-    """Per pre-training candidate: the tuning criterion (best held-out accuracy, mean over settings,
-    students and pre-trainings) and the mean final Δ against uniform per held-out setting; then which
-    candidate wins and whether ``suite`` (the transfer suite) pre-trains with it."""
-    names = [candidate_label(options) for options in TRANSFER_CANDIDATES]
-    results = {
-        name: json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
-        for name, options in zip(names, TRANSFER_CANDIDATES)
-    }
-    labels = list(dict.fromkeys(setting_label(r) for r in results[names[0]]))
+    """Per candidate and held-out setting: the criterion's term (mean best held-out accuracy) and the mean final
+    Δ against uniform; then the choice per held-out setting and whether ``suite`` (the transfer suite) uses it."""
+    candidates = transfer_candidates(out)
+    scores = tuning_scores(out, candidates)
+    labels = list(scores[0])
     lines = [
-        "| pre-training options | mean best held-out acc (criterion) | "
-        + " | ".join(f"Δ final vs uniform, held out {label}" for label in labels)
+        "| pre-training options | "
+        + " | ".join(f"held out {label}: best held-out acc; Δ final vs uniform" for label in labels)
         + " |",
-        "|---|---|" + "---|" * len(labels),
+        "|---|" + "---|" * len(labels),
     ]
-    taught = {name: [r for r in runs if r["agent"] != "uniform"] for name, runs in results.items()}
-    scores = {}
-    for name, runs in results.items():
-        scores[name] = float(np.mean([r["best_val_acc"] for r in taught[name]]))
-        deltas = []
+    for options, score in zip(candidates, scores):
+        runs = json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
+        cells = []
         for label in labels:
             uniform = {r["seed"]: r[FINAL] for r in runs if r["agent"] == "uniform" and setting_label(r) == label}
-            mine = [r[FINAL] - uniform[r["seed"]] for r in taught[name] if setting_label(r) == label]
-            deltas.append(f"{100 * np.mean(mine):+.1f}")
-        lines.append(f"| {name} | {100 * scores[name]:.1f} | " + " | ".join(deltas) + " |")
-    chosen = max(scores, key=scores.get)
-    nested = []  # the candidate each held-out setting would get from the other settings' tuning runs alone
+            deltas = [r[FINAL] - uniform[r["seed"]] for r in runs if r["agent"] != "uniform" and setting_label(r) == label]
+            cells.append(f"{100 * score[label]:.1f}; {100 * np.mean(deltas):+.1f}")
+        lines.append(f"| {candidate_label(options)} | " + " | ".join(cells) + " |")
+    config = yaml.safe_load(suite.read_text())
+    decays, choice = chosen_decays(out), transfer_choice(out)
+    lines += ["", "Chosen per held-out setting, from the other settings' tuning runs alone:", ""]
     for label in labels:
-        others = {n: float(np.mean([r["best_val_acc"] for r in rows if setting_label(r) != label])) for n, rows in taught.items()}
-        nested.append(f"{label}: {max(others, key=others.get)}")
-    options = yaml.safe_load(suite.read_text()).get("agent_options") or {}
-    used = evaluate.resolved_options("meta_grad", options.get("meta_grad") or {})
-    wanted = evaluate.resolved_options("meta_grad", TRANSFER_CANDIDATES[names.index(chosen)])
-    differing = {key: value for key, value in used.items() if value != wanted[key]}
-    verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
+        options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
+        used, wanted = (evaluate.resolved_options("meta_grad", o) for o in (options, choice[label]))
+        differing = {key: value for key, value in used.items() if value != wanted[key]}
+        verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
+        lines.append(
+            f"- held out {label}: {candidate_label(decays[label])} (first coordinate), then "
+            f"**{candidate_label(choice[label])}**; `suites/results/transfer.yaml` {verdict}."
+        )
     return [
         *lines, "",
-        f"Chosen: {chosen}; `suites/results/transfer.yaml` {verdict}. The best candidate by the other three "
-        f"settings' tuning runs alone, per held-out setting: {'; '.join(nested)} (the choice used each held-out "
-        "setting's own tuning runs too; a nested replay of the two-step search could choose otherwise, as its "
-        "second step ran at decay 0.3 only). With two pre-trainings per candidate the table carries no interval: "
-        "a margin of a point or two between candidates is not established.", "",
+        "With two pre-trainings per candidate the table carries no interval: a margin of a point or two between "
+        "candidates is not established.", "",
     ]  # fmt: skip
 
 
@@ -298,9 +346,10 @@ def section(name: str, out: Path | None) -> list[str]:
             f"The transfer suite below, run once per candidate set of `meta_grad` options for its pre-trainings (two "
             f"per held-out setting), on tuning students (seeds {TRANSFER_TUNING_SEED}-{TRANSFER_TUNING_SEED + 4}) that "
             f"are not reported, with pre-trainings of their own (seeds {TRANSFER_TUNING_PRETRAIN_SEED} on, not the "
-            "reported teachers); criterion: the best held-out accuracy, as `--tune` uses. The candidates follow a "
-            "coordinate search: `meta_weight_decay` at meta_grad's default teacher_lr, then `teacher_lr` at the chosen "
-            "decay. The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
+            "reported teachers); criterion: the best held-out accuracy, as `--tune` uses. Each held-out setting gets "
+            "its pre-training options from the other settings' tuning runs alone (its own students never take part), by a "
+            "coordinate search: `meta_weight_decay` at meta_grad's default teacher_lr, then `teacher_lr` at the decay "
+            "chosen. The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
             "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "
             "weights shrunk far below a working teacher's (see `suites/results/transfer.yaml`). Reports: "
             f"`docs/results/{name}/decay-*/report.md`.", "",
@@ -327,13 +376,14 @@ def section(name: str, out: Path | None) -> list[str]:
     tables = report.split("## ", 2)[2] if report.count("## ") >= 2 else report  # drop the title and the settings list
     tables = tables.replace("\n## ", "\n### ")  # the report's sections sit one level down here
     summary = json.loads((out / "results.json").read_text())["summary"]
-    lines = [
-        f"## Suite `{name}`",
-        "",
-        f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md).",
-        "",
-        "### " + tables,
-    ]
+    lines = [f"## Suite `{name}`", "", f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md).", ""]
+    if name == "transfer":
+        config = yaml.safe_load(TRANSFER_SUITE.read_text())
+        chosen = [
+            f"held out {label}: {candidate_label(options)}" for label, options in (config.get("pretrain_options") or {}).items()
+        ]
+        lines += ["Pre-training options per held-out setting (the `transfer_tuning` choice): " + "; ".join(chosen) + ".", ""]
+    lines += ["### " + tables]
     lines += ["### What the numbers say", "", *reading(summary), "", "Headroom (share of the uniform-to-oracle gap closed):", ""]
     lines += [*oracle_gap(summary), ""]
     finals = [
@@ -347,7 +397,12 @@ def section(name: str, out: Path | None) -> list[str]:
 def finished(name: str) -> Path | None:
     """The suite's folder when all its results are there (docs/results.md is rewritten from them)."""
     done = ROOT / "docs" / "results" / name
-    parts = [done / candidate_folder(options) for options in TRANSFER_CANDIDATES] if name == "transfer_tuning" else [done]
+    if name != "transfer_tuning":
+        return done if (done / "results.json").exists() else None
+    try:
+        parts = [done / candidate_folder(options) for options in transfer_candidates(done)]
+    except FileNotFoundError:  # a decay candidate's runs are missing
+        return None
     return done if all((part / "results.json").exists() for part in parts) else None
 
 

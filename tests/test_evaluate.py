@@ -155,6 +155,40 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--leave-one-out", "meta_grad"], "at least two settings"),
         (["--pretrain-seeds", "3"], "--leave-one-out, which is not given"),
         (["--leave-one-out", "uniform", "--grid", "{noise: [symmetric, pairflip]}"], "not one"),
+        (["--pretrain-options", "{digits/mlp/symmetric 0.4: {teacher_lr: 0.01}}"], "--leave-one-out, which is not given"),
+        (
+            [
+                "--leave-one-out",
+                "meta_grad",
+                "--grid",
+                "{noise: [symmetric, pairflip]}",
+                "--pretrain-options",
+                "{digits/mlp/none 0.4: {teacher_lr: 0.01}}",
+            ],
+            "setting 'digits/mlp/none 0.4', which is not in the grid: digits/mlp/symmetric 0.4, ",
+        ),
+        (
+            [
+                "--leave-one-out",
+                "meta_grad",
+                "--grid",
+                "{noise: [symmetric, pairflip]}",
+                "--pretrain-options",
+                "{digits/mlp/pairflip 0.4: {teacher_lr: -1}}",
+            ],
+            "teacher_lr must be > 0",
+        ),
+        (
+            [
+                "--leave-one-out",
+                "meta_grad",
+                "--grid",
+                "{noise: [symmetric, pairflip]}",
+                "--pretrain-options",
+                "{digits/mlp/pairflip 0.4: 0.01}",
+            ],
+            "must map setting -> {option: value}",
+        ),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--thresholds", "half"], "--thresholds must be comma-separated numbers"),
     ],
@@ -250,7 +284,8 @@ def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, m
 def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
     rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", "{noise: [symmetric, pairflip]}",
                      "--leave-one-out", "meta_grad", "--pretrain-steps", "40",
-                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16, init_weight: null}}")  # fmt: skip
+                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16, init_weight: null}}",
+                     "--pretrain-options", "{digits/mlp/pairflip 0.4: {hidden: 12, teacher_lr: 0.01}}")  # fmt: skip
     held_out = [r for r in rows if r["agent"] == "meta_grad@held-out"]
     assert {(r["noise"], r["trained_on"]) for r in held_out} == {
         ("symmetric", "digits/mlp/pairflip 0.4 (seeds 10000-10000)"),
@@ -260,9 +295,15 @@ def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
     assert "## Transfer pairs" in (tmp_path / "report" / "report.md").read_text()
     pretrained = list((tmp_path / "report" / "pretrained").iterdir())
     assert len(pretrained) == 2
-    for run in pretrained:  # the pre-trained teachers have the options given to the --leave-one-out agent
+    options = {}  # the pre-trained teachers have the options given to the --leave-one-out agent, per held-out setting over them
+    for run in pretrained:
         config = yaml.safe_load((run / "config.yaml").read_text())
-        assert (config["meta_layers"], config["hidden"]) == ("head", 16)
+        options[run.name.split("-without-")[1].rsplit("-", 1)[0]] = (
+            config["meta_layers"],
+            config["hidden"],
+            config["teacher_lr"],
+        )
+    assert options == {"digits-mlp-symmetric0.4": ("head", 16, None), "digits-mlp-pairflip0.4": ("head", 12, 0.01)}
 
 
 def test_several_pretrainings_per_held_out_setting_on_disjoint_seeds_and_their_spread(tmp_path):

@@ -6,7 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,59 +19,100 @@ def _row(agent: str, dataset: str, seed: int, final: float, best_val: float) -> 
     return {**setting, "agent": agent, "seed": seed, "final_test_acc": final, "best_val_acc": best_val}
 
 
-@pytest.mark.parametrize("winner", [0, len(results.TRANSFER_CANDIDATES) - 1])
-def test_transfer_tuning_reports_paired_deltas_and_picks_the_best_held_out_accuracy(tmp_path, winner):
-    candidates = results.TRANSFER_CANDIDATES
-    mnist1d_best = (winner + 2) % len(candidates)
-    for i, options in enumerate(candidates):
-        runs = []
-        for dataset, uniform in (("mnist1d", 0.50), ("digits", 0.70)):
-            for seed in (1000, 1001):
-                decoy = 1.0 if i == (winner + 1) % len(candidates) else 0.0  # uniform's accuracy must not count
-                runs.append(_row("uniform", dataset, seed, uniform + 0.01 * (seed % 2), decoy))
-                for k in (1, 2):  # two pre-trainings; the winner's mean held-out accuracy is the highest,
-                    # but mnist1d_best wins on mnist1d, so digits held out (judged on mnist1d alone) gets it
-                    best_val = {winner: {"mnist1d": 0.70, "digits": 0.99}, mnist1d_best: {"mnist1d": 0.85, "digits": 0.5}}
-                    best_val = best_val.get(i, {}).get(dataset, 0.6)
-                    runs.append(
-                        _row(f"meta_grad@held-out#{k}", dataset, seed, uniform + 0.01 * (seed % 2) + 0.01 * k * (i + 1), best_val)
-                    )
-        (tmp_path / results.candidate_folder(options)).mkdir()
-        (tmp_path / results.candidate_folder(options) / "results.json").write_text(json.dumps({"runs": runs}))
-    assert len({results.candidate_folder(options) for options in candidates}) == len(candidates)
+DECAY_A, DECAY_B = {"meta_weight_decay": 0.3}, {"meta_weight_decay": 1.0}
+A_LR = {**DECAY_A, "teacher_lr": 0.001}
+MNIST1D, DIGITS = "mnist1d/mlp/symmetric 0.4", "digits/mlp/symmetric 0.4"
+
+
+def _best_val(options: dict, dataset: str) -> float:
+    """Tuning scores where held out mnist1d (judged on digits alone) chooses decay A, then teacher_lr 0.001,
+    and held out digits (judged on mnist1d alone) chooses decay B at the default teacher_lr. The decoys win
+    only if a setting's own runs, or another decay's second coordinate, took part."""
+    if options == A_LR:
+        return {"digits": 0.95, "mnist1d": 0.5}[dataset]
+    if options == {**DECAY_A, "teacher_lr": 0.003}:
+        return {"digits": 0.7, "mnist1d": 0.99}[dataset]  # decoy for held out digits (not its decay)
+    if "teacher_lr" in options and options["meta_weight_decay"] == 1.0:
+        return {"digits": 0.99, "mnist1d": 0.7}[dataset]  # decoy: its own runs, for held out digits
+    if options == DECAY_A:
+        return {"digits": 0.9, "mnist1d": 0.5}[dataset]
+    if options == DECAY_B:
+        return {"digits": 0.6, "mnist1d": 0.8}[dataset]
+    return {"digits": 0.6, "mnist1d": 0.5}[dataset]
+
+
+def _fake_tuning_runs(argv: list[str]) -> None:
+    """Stands in for evaluate.main on transfer_tuning_argv: writes the candidate's results.json."""
+    options = json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"]
+    out = Path(argv[argv.index("--out") + 1])
+    index = len(list(out.parent.iterdir())) if out.parent.exists() else 0  # the order the candidates ran in
+    runs = []
+    for dataset, uniform in (("mnist1d", 0.50), ("digits", 0.70)):
+        for seed in (1000, 1001):
+            runs.append(_row("uniform", dataset, seed, uniform + 0.01 * (seed % 2), 1.0))  # uniform's must not count
+            for k in (1, 2):  # Δ final: mean over k of 0.01 k (index + 1) = 1.5 (index + 1) points
+                final = uniform + 0.01 * (seed % 2) + 0.01 * k * (index + 1)
+                runs.append(_row(f"meta_grad@held-out#{k}", dataset, seed, final, _best_val(options, dataset)))
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"runs": runs}))
+
+
+def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(results.evaluate, "main", lambda argv: calls.append(argv) or _fake_tuning_runs(argv))
+    results.run_transfer_tuning(tmp_path)
+    expected = [
+        *results.decay_candidates(),
+        *results.teacher_lr_step(DECAY_A)[1:],  # held out mnist1d chose A (on digits alone)
+        *results.teacher_lr_step(DECAY_B)[1:],  # held out digits chose B (on mnist1d alone)
+    ]
+    ran = [json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"] for argv in calls]
+    assert ran == expected, "the decays, then teacher_lr at the decays chosen and no other"
+    assert results.transfer_candidates(tmp_path) == expected
+    assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR, DIGITS: DECAY_B}
+
     suite = tmp_path / "transfer.yaml"
-    suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": dict(candidates[winner])}}))
+    suite.write_text(yaml.safe_dump({"pretrain_options": {MNIST1D: A_LR, DIGITS: DECAY_B}}))
     lines = results.transfer_tuning_table(tmp_path, suite)
-    rows = lines[2 : 2 + len(candidates)]
-    for i, (row, options) in enumerate(zip(rows, candidates)):  # Δ = mean over k = 1, 2 of 0.01 k (i + 1), in points
+    rows = lines[2 : 2 + len(expected)]
+    for i, (row, options) in enumerate(zip(rows, expected)):
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[0] == results.candidate_label(options)
-        criterion = {winner: 84.5, mnist1d_best: 67.5}.get(i, 60.0)  # mean held-out accuracy of the taught runs only
-        assert cells[1] == f"{criterion:.1f}", row
-        assert cells[2:] == [f"{1.5 * (i + 1):+.1f}"] * 2, row
-    assert lines[2 + len(candidates)] == ""
-    winner_label = results.candidate_label(candidates[winner])
-    assert f"Chosen: {winner_label}; `suites/results/transfer.yaml` uses it." in lines[-2]
+        assert cells == [
+            results.candidate_label(options),
+            f"{100 * _best_val(options, 'mnist1d'):.1f}; {1.5 * (i + 1):+.1f}",
+            f"{100 * _best_val(options, 'digits'):.1f}; {1.5 * (i + 1):+.1f}",
+        ], row
+    text = "\n".join(lines)
     assert (
-        f"mnist1d/mlp/symmetric 0.4: {winner_label}; digits/mlp/symmetric 0.4: {results.candidate_label(candidates[mnist1d_best])} ("
-        in lines[-2]
+        f"- held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001**; `suites/results/transfer.yaml` uses it."
+        in text
     )
-    suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": {**candidates[winner], "hidden": 32}}}))
-    assert "transfer.yaml` uses hidden 32 instead." in results.transfer_tuning_table(tmp_path, suite)[-2]
+    assert (
+        f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1**; `suites/results/transfer.yaml` uses it."
+        in text
+    )
+    suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": {"hidden": 32}}, "pretrain_options": {MNIST1D: A_LR}}))
+    text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
+    assert (
+        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001**; `suites/results/transfer.yaml` uses hidden 32 instead."
+        in text
+    )
+    assert "`suites/results/transfer.yaml` uses hidden 32, meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
 
 
-def test_a_candidate_that_leaves_teacher_lr_out_pre_trains_at_meta_grads_default_not_at_transfer_yamls():
-    """Each candidate's runs replace meta_grad's options of transfer.yaml as a whole: the decay-only
-    candidates run at meta_grad's default teacher_lr even though transfer.yaml sets another."""
-    assert "teacher_lr" in yaml.safe_load(results.TRANSFER_SUITE.read_text())["agent_options"]["meta_grad"]
-    for options in results.TRANSFER_CANDIDATES:
-        argv = results.transfer_tuning_argv(options, Path("out"))
-        cfg = results.evaluate.parse_args(argv)
-        assert cfg.agent_options == {"meta_grad": options}
-        resolved = results.evaluate.resolved_options("meta_grad", cfg.agent_options["meta_grad"])
-        assert resolved["teacher_lr"] == options.get(
-            "teacher_lr", results.evaluate.resolved_options("meta_grad", {})["teacher_lr"]
-        )
+def test_a_candidate_replaces_transfer_yamls_pre_training_options_as_a_whole():
+    """Each candidate's runs replace transfer.yaml's meta_grad pre-training options, for every held-out
+    setting, as a whole: a decay-only candidate runs at meta_grad's default teacher_lr even where transfer.yaml
+    sets another."""
+    config = yaml.safe_load(results.TRANSFER_SUITE.read_text())
+    assert any("teacher_lr" in options for options in config["pretrain_options"].values())
+    default_lr = results.evaluate.resolved_options("meta_grad", {})["teacher_lr"]
+    for options in [*results.decay_candidates(), *results.teacher_lr_step({"meta_weight_decay": 0.3})]:
+        cfg = results.evaluate.parse_args(results.transfer_tuning_argv(options, Path("out")))
+        for setting in cfg.settings:
+            held_out = cfg.held_out_options(results.setting_label(setting))
+            assert held_out == options
+            assert results.evaluate.resolved_options("meta_grad", held_out)["teacher_lr"] == options.get("teacher_lr", default_lr)
         assert (cfg.seed, cfg.pretrain_seed, cfg.agents) == (
             results.TRANSFER_TUNING_SEED,
             results.TRANSFER_TUNING_PRETRAIN_SEED,
