@@ -100,7 +100,7 @@ class EvalConfig(EnvSetting, StudentTraining):
         None,
         "--leave-one-out: options of the pre-trainings per held-out setting, over its --agent-options entry, as YAML "
         "'{dataset/student/noise rate: {option: value}}', e.g. '{digits/mlp/symmetric 0.4: {teacher_lr: 0.03}}' "
-        "(options chosen without the held-out setting's own runs)",
+        "(for options chosen without the held-out setting's students)",
     )
     seeds: int = field(3, "reported seeds per (setting, agent): seed, seed + 1, ...", low=1)
     steps: int = field(2000, "student updates per run", low=1)
@@ -171,6 +171,10 @@ class EvalConfig(EnvSetting, StudentTraining):
         if self.leave_one_out is None:
             raise ValueError("--pretrain-options sets the pre-trainings of --leave-one-out, which is not given")
         labels = [setting_label(s) for s in self.settings]
+        if len(set(labels)) < len(labels):
+            raise ValueError(
+                "--pretrain-options names settings by dataset/student/noise rate, and two settings of the grid share one"
+            )
         for label, values in self.pretrain_options.items():
             if label not in labels:
                 raise ValueError(f"--pretrain-options names the setting {label!r}, which is not in the grid: {', '.join(labels)}")
@@ -268,7 +272,7 @@ class Job:
 def held_out_options(agent_options: dict | None, pretrain_options: dict | None, agent: str, label: str) -> dict[str, Any]:
     """The options of ``agent``'s pre-trainings held out from the setting ``label``: its --agent-options entry,
     then that setting's --pretrain-options entry over it."""
-    return {**(agent_options or {}).get(agent, {}), **(pretrain_options or {}).get(label, {})}
+    return {**((agent_options or {}).get(agent) or {}), **((pretrain_options or {}).get(label) or {})}
 
 
 def resolved_options(agent: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -286,11 +290,16 @@ def without_legacy_values(agent: str, resolved: dict[str, Any]) -> dict[str, Any
 
 def canonical_key(key: str) -> str:
     """A run key (``Job.key``, or one read from runs.jsonl) with its resolved options less their legacy
-    values, so that adding an option to an agent leaves the keys of the runs it does not change valid."""
-    fields = json.loads(key)
-    context, agent = fields[-1], base_agent(fields[2])
-    if context.get("resolved") is not None and agent in AGENTS:
-        context["resolved"] = without_legacy_values(agent, context["resolved"])
+    values, so that adding an option to an agent leaves the keys of the runs it does not change valid.
+    Only the resolved options are touched: a legacy value written out in --agent-options still makes
+    another key (a re-run, never a wrong reuse); keys of other formats are returned as they are."""
+    try:
+        fields = json.loads(key)
+    except json.JSONDecodeError:
+        return key
+    context = fields[-1] if isinstance(fields, list) and len(fields) > 2 else None
+    if isinstance(context, dict) and context.get("resolved") is not None and base_agent(fields[2]) in AGENTS:
+        context["resolved"] = without_legacy_values(base_agent(fields[2]), context["resolved"])
     return json.dumps(fields, sort_keys=True, default=str)
 
 

@@ -122,24 +122,36 @@ def teacher_lr_step(decay: dict[str, Any]) -> list[dict[str, Any]]:
     return [decay, *({**decay, "teacher_lr": lr} for lr in TRANSFER_TEACHER_LRS)]
 
 
+def candidate_runs(out: Path, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one candidate's tuning runs."""
+    return json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
+
+
 def tuning_scores(out: Path, candidates: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Per candidate, per held-out setting: the mean best held-out accuracy of the teachers pre-trained
-    without that setting, over its tuning students and the pre-trainings (the criterion's terms)."""
+    without that setting, over its tuning students and the pre-trainings (the criterion's terms). Every
+    candidate must have finished runs on every setting, or the candidates would be judged on different ones."""
     scores = []
     for options in candidates:
-        runs = json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
         taught: dict[str, list[float]] = {}
-        for r in runs:
+        for r in candidate_runs(out, options):
             if r["agent"] != "uniform":
                 taught.setdefault(setting_label(r), []).append(r["best_val_acc"])
         scores.append({label: float(np.mean(values)) for label, values in taught.items()})
+    if any(score.keys() != scores[0].keys() for score in scores):
+        raise ValueError(f"the transfer-tuning runs in {out} do not cover the same settings for every candidate")
     return scores
+
+
+def criterion_without(scores: list[dict[str, float]], held_out: str) -> np.ndarray:
+    """Each candidate's mean score over the settings other than ``held_out`` (NaN counts as the worst)."""
+    criterion = [np.mean([value for label, value in score.items() if label != held_out]) for score in scores]
+    return np.nan_to_num(np.array(criterion, dtype=float), nan=-np.inf)
 
 
 def best_without(candidates: list[dict[str, Any]], scores: list[dict[str, float]], held_out: str) -> dict[str, Any]:
     """The candidate with the best mean score over the settings other than ``held_out`` (the first on a tie)."""
-    criterion = [np.mean([value for label, value in score.items() if label != held_out]) for score in scores]
-    return candidates[int(np.argmax(criterion))]
+    return candidates[int(np.argmax(criterion_without(scores, held_out)))]
 
 
 def chosen_decays(out: Path) -> dict[str, dict[str, Any]]:
@@ -173,8 +185,9 @@ def run_transfer_tuning(out: Path) -> None:
     are reported. The transfer suite pre-trains, per held-out setting, with the options ``transfer_choice`` gives."""
     for options in decay_candidates():
         evaluate.main(transfer_tuning_argv(options, out))
-    for options in transfer_candidates(out)[len(TRANSFER_DECAYS) :]:
-        evaluate.main(transfer_tuning_argv(options, out))
+    for options in transfer_candidates(out):
+        if options not in decay_candidates():
+            evaluate.main(transfer_tuning_argv(options, out))
 
 
 def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
@@ -190,7 +203,7 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
         "|---|" + "---|" * len(labels),
     ]
     for options, score in zip(candidates, scores):
-        runs = json.loads((out / candidate_folder(options) / "results.json").read_text())["runs"]
+        runs = candidate_runs(out, options)
         cells = []
         for label in labels:
             uniform = {r["seed"]: r[FINAL] for r in runs if r["agent"] == "uniform" and setting_label(r) == label}
@@ -199,15 +212,18 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
         lines.append(f"| {candidate_label(options)} | " + " | ".join(cells) + " |")
     config = yaml.safe_load(suite.read_text())
     decays, choice = chosen_decays(out), transfer_choice(out)
-    lines += ["", "Chosen per held-out setting, from the other settings' tuning runs alone:", ""]
+    lines += ["", "Chosen per held-out setting, from the other settings' tuning runs (never its own students):", ""]
     for label in labels:
         options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
         used, wanted = (evaluate.resolved_options("meta_grad", o) for o in (options, choice[label]))
         differing = {key: value for key, value in used.items() if value != wanted[key]}
         verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
+        step = teacher_lr_step(decays[label])
+        criterion = np.sort(criterion_without(tuning_scores(out, step), label))[::-1]
         lines.append(
             f"- held out {label}: {candidate_label(decays[label])} (first coordinate), then "
-            f"**{candidate_label(choice[label])}**; `suites/results/transfer.yaml` {verdict}."
+            f"**{candidate_label(choice[label])}** (criterion {100 * criterion[0]:.1f}, the next "
+            f"{100 * criterion[1]:.1f}); `suites/results/transfer.yaml` {verdict}."
         )
     return [
         *lines, "",
@@ -347,9 +363,10 @@ def section(name: str, out: Path | None) -> list[str]:
             f"per held-out setting), on tuning students (seeds {TRANSFER_TUNING_SEED}-{TRANSFER_TUNING_SEED + 4}) that "
             f"are not reported, with pre-trainings of their own (seeds {TRANSFER_TUNING_PRETRAIN_SEED} on, not the "
             "reported teachers); criterion: the best held-out accuracy, as `--tune` uses. Each held-out setting gets "
-            "its pre-training options from the other settings' tuning runs alone (its own students never take part), by a "
-            "coordinate search: `meta_weight_decay` at meta_grad's default teacher_lr, then `teacher_lr` at the decay "
-            "chosen. The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
+            "its pre-training options from the other settings' tuning runs, by a coordinate search: `meta_weight_decay` at "
+            "meta_grad's default teacher_lr, then `teacher_lr` at the decay chosen. Its own students never take part; its "
+            "training data does, in the pre-trainings behind the other settings' scores (a fully nested search would "
+            "pre-train without both settings). The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
             "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "
             "weights shrunk far below a working teacher's (see `suites/results/transfer.yaml`). Reports: "
             f"`docs/results/{name}/decay-*/report.md`.", "",
@@ -378,11 +395,7 @@ def section(name: str, out: Path | None) -> list[str]:
     summary = json.loads((out / "results.json").read_text())["summary"]
     lines = [f"## Suite `{name}`", "", f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md).", ""]
     if name == "transfer":
-        config = yaml.safe_load(TRANSFER_SUITE.read_text())
-        chosen = [
-            f"held out {label}: {candidate_label(options)}" for label, options in (config.get("pretrain_options") or {}).items()
-        ]
-        lines += ["Pre-training options per held-out setting (the `transfer_tuning` choice): " + "; ".join(chosen) + ".", ""]
+        lines += [pretraining_options(json.loads((out / "results.json").read_text())), ""]
     lines += ["### " + tables]
     lines += ["### What the numbers say", "", *reading(summary), "", "Headroom (share of the uniform-to-oracle gap closed):", ""]
     lines += [*oracle_gap(summary), ""]
@@ -392,6 +405,18 @@ def section(name: str, out: Path | None) -> list[str]:
     if finals:
         lines += ["Clean-data baselines' final test accuracy (no selection): " + "; ".join(finals) + ".", ""]
     return lines
+
+
+def pretraining_options(results: dict[str, Any]) -> str:
+    """What a leave-one-out benchmark's teachers were pre-trained with per held-out setting, from its
+    results.json (the config it ran with, not today's suite file)."""
+    config = results["config"]
+    agent = config["leave_one_out"]
+    per_setting = []
+    for label in dict.fromkeys(setting_label(r) for r in results["runs"]):
+        options = evaluate.held_out_options(config["agent_options"], config.get("pretrain_options"), agent, label)
+        per_setting.append(f"held out {label}: {candidate_label(options) or 'none'}")
+    return f"`{agent}` pre-training options (over its defaults): " + "; ".join(per_setting) + "."
 
 
 def finished(name: str) -> Path | None:

@@ -348,23 +348,30 @@ def test_cuda_on_a_machine_without_a_gpu_is_refused_before_anything_runs(capsys,
 
 def test_runs_recorded_before_an_option_existed_resume_and_other_values_re_run(tmp_path, monkeypatch):
     """A run key written before an option existed lacks it; one written while it existed holds it at its
-    legacy value (``legacy_options``: what the agent did before): both name the same run. Another value
-    of that option is another run."""
+    legacy value (``legacy_options``: what the agent did before): both name the same run. A key holding
+    another value of such an option (recorded with the same --agent-options) names another run."""
     argv = ["--agents", "meta_grad", "--seeds", "1"]
     _evaluate(tmp_path, *argv)
     log = tmp_path / "report" / "runs.jsonl"
     (record,) = [json.loads(line) for line in log.read_text().splitlines()]
-    assert "activation" not in json.loads(record["key"])[-1]["resolved"], "the legacy value is not part of the key"
+    resolved = json.loads(record["key"])[-1]["resolved"]
+    assert "activation" not in resolved and resolved["alignment"] is True, "legacy values are left out, others kept"
     real_run_job, calls = evaluate.run_job, []
     monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job.agent) or real_run_job(job))
-    for recorded in ({}, {"activation": "relu"}):  # before the option, and while it held its legacy value
+
+    def recorded_with(**options) -> None:
         fields = json.loads(record["key"])
-        fields[-1]["resolved"] = {**fields[-1]["resolved"], **recorded}
+        fields[-1]["resolved"] = {**{k: v for k, v in resolved.items() if k not in options}, **options}
         log.write_text(json.dumps({**record, "key": json.dumps(fields, sort_keys=True)}) + "\n")
+
+    recorded_with(activation="relu")  # while the option existed, at its legacy value
+    _evaluate(tmp_path, *argv, "--resume")
+    assert calls == [], "a run recorded with activation relu is reused"
+    for options in ({"activation": "leaky_relu"}, {"alignment": False}):  # not today's resolved options
+        recorded_with(**options)
         _evaluate(tmp_path, *argv, "--resume")
-        assert calls == [], f"a run recorded with {recorded or 'no activation option'} is reused"
-    rows = _evaluate(tmp_path, *argv, "--agent-options", "{meta_grad: {activation: leaky_relu}}", "--resume")
-    assert calls == ["meta_grad"] and len(rows) == 1, "another activation runs again"
+        assert calls == ["meta_grad"], f"a run recorded with {options} is not reused"
+        calls.clear()
 
 
 def test_a_changed_default_re_runs_on_resume(tmp_path, monkeypatch):

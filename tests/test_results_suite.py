@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,17 +85,17 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         ], row
     text = "\n".join(lines)
     assert (
-        f"- held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001**; `suites/results/transfer.yaml` uses it."
+        f"- held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0); `suites/results/transfer.yaml` uses it."
         in text
     )
     assert (
-        f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1**; `suites/results/transfer.yaml` uses it."
+        f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1** (criterion 80.0, the next 70.0); `suites/results/transfer.yaml` uses it."
         in text
     )
     suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": {"hidden": 32}}, "pretrain_options": {MNIST1D: A_LR}}))
     text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
     assert (
-        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001**; `suites/results/transfer.yaml` uses hidden 32 instead."
+        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0); `suites/results/transfer.yaml` uses hidden 32 instead."
         in text
     )
     assert "`suites/results/transfer.yaml` uses hidden 32, meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
@@ -119,3 +120,36 @@ def test_a_candidate_replaces_transfer_yamls_pre_training_options_as_a_whole():
             "uniform",
         )
     assert results.candidate_folder({"meta_weight_decay": 0.3}) == "decay-0.3"  # the folders of earlier tuning runs
+
+
+def test_settings_that_choose_one_decay_share_its_second_coordinate_and_ties_go_to_the_first(monkeypatch):
+    monkeypatch.setattr(results, "chosen_decays", lambda out: {MNIST1D: DECAY_A, DIGITS: DECAY_A, "other": DECAY_B})
+    assert results.transfer_candidates(Path("unused")) == [
+        *results.decay_candidates(),
+        *results.teacher_lr_step(DECAY_A)[1:],
+        *results.teacher_lr_step(DECAY_B)[1:],
+    ], "each decay's teacher_lr candidates once, in the order chosen"
+    candidates = [DECAY_A, DECAY_B, A_LR]
+    tied = [{MNIST1D: 0.5, DIGITS: 0.7}, {MNIST1D: 0.9, DIGITS: 0.7}, {MNIST1D: float("nan"), DIGITS: float("nan")}]
+    assert results.best_without(candidates, tied, MNIST1D) == DECAY_A, "a tie on digits goes to the first; NaN never wins"
+    assert results.best_without(candidates, tied, DIGITS) == DECAY_B
+
+
+def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
+    """suites/results/transfer.yaml holds, per held-out setting, what the committed transfer_tuning runs choose."""
+    out = ROOT / "docs" / "results" / "transfer_tuning"
+    if results.finished("transfer_tuning") is None:
+        pytest.skip("the transfer_tuning results are not in this checkout")
+    config = yaml.safe_load(results.TRANSFER_SUITE.read_text())
+    assert config["pretrain_options"] == results.transfer_choice(out)
+
+
+def test_the_transfer_section_names_the_options_its_teachers_were_pre_trained_with():
+    rows = [
+        {**_row("uniform", dataset, 0, 0.5, 0.5), "noise": noise} for dataset in ("mnist1d", "digits") for noise in ("symmetric",)
+    ]
+    config = {"leave_one_out": "meta_grad", "agent_options": {"meta_grad": {"hidden": 32}}, "pretrain_options": {DIGITS: A_LR}}
+    assert results.pretraining_options({"config": config, "runs": rows}) == (
+        f"`meta_grad` pre-training options (over its defaults): held out {MNIST1D}: hidden 32; "
+        f"held out {DIGITS}: hidden 32, meta_weight_decay 0.3, teacher_lr 0.001."
+    )
