@@ -34,7 +34,7 @@ SUITES = (
 # meta_grad options of the transfer suite's pre-trainings, chosen on tuning seeds for each held-out setting from
 # the other settings' tuning runs alone, by a coordinate search: meta_weight_decay at meta_grad's default teacher_lr
 # (1e-4 is its default decay), then teacher_lr at the decay chosen
-TRANSFER_DECAYS = (1e-4, 0.3, 1.0, 3.0)
+TRANSFER_DECAYS = (1e-4, 0.03, 0.1, 0.3, 1.0, 3.0)
 TRANSFER_TEACHER_LRS = (0.003, 0.001)
 TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
