@@ -276,9 +276,9 @@ def held_out_options(agent_options: dict | None, pretrain_options: dict | None, 
 
 
 def resolved_options(agent: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Every option ``agent`` is built with from ``options``, its defaults included: a run key or a
-    pre-training digest holding them makes ``--resume`` re-run what a changed default changes."""
-    return dataclasses.asdict(agent_class(agent).Options(**options))
+    """Every option ``agent`` is built with from ``options`` (None: its default), its defaults included: a run
+    key or a pre-training digest holding them makes ``--resume`` re-run what a changed default changes."""
+    return dataclasses.asdict(agent_class(agent).Options(**options_for(agent, options)))
 
 
 def without_legacy_values(agent: str, resolved: dict[str, Any]) -> dict[str, Any]:
