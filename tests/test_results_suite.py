@@ -101,12 +101,18 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
     assert "`suites/results/transfer.yaml` uses hidden 32, meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
 
 
-def test_a_candidate_replaces_transfer_yamls_pre_training_options_as_a_whole():
+def test_a_candidate_replaces_transfer_yamls_pre_training_options_as_a_whole(tmp_path, monkeypatch):
     """Each candidate's runs replace transfer.yaml's meta_grad pre-training options, for every held-out
     setting, as a whole: a decay-only candidate runs at meta_grad's default teacher_lr even where transfer.yaml
-    sets another."""
+    sets another (here a copy of it that sets teacher_lr and hidden everywhere)."""
     config = yaml.safe_load(results.TRANSFER_SUITE.read_text())
-    assert any("teacher_lr" in options for options in config["pretrain_options"].values())
+    config["agent_options"] = {"meta_grad": {"hidden": 32, "teacher_lr": 0.002}}
+    config["pretrain_options"] = {
+        label: {**options, "teacher_lr": 0.001} for label, options in config["pretrain_options"].items()
+    }
+    suite = tmp_path / "transfer.yaml"
+    suite.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(results, "TRANSFER_SUITE", suite)
     default_lr = results.evaluate.resolved_options("meta_grad", {})["teacher_lr"]
     for options in [*results.decay_candidates(), *results.teacher_lr_step({"meta_weight_decay": 0.3})]:
         cfg = results.evaluate.parse_args(results.transfer_tuning_argv(options, Path("out")))
