@@ -223,7 +223,7 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
         lines.append(
             f"- held out {label}: {candidate_label(decays[label])} (first coordinate), then "
             f"**{candidate_label(choice[label])}** (criterion {100 * criterion[0]:.1f}, the next "
-            f"{100 * criterion[1]:.1f}); `suites/results/transfer.yaml` {verdict}."
+            f"{100 * criterion[1]:.1f} on this coordinate); `suites/results/transfer.yaml` {verdict}."
         )
     return [
         *lines, "",
@@ -365,10 +365,11 @@ def section(name: str, out: Path | None) -> list[str]:
             "reported teachers); criterion: the best held-out accuracy, as `--tune` uses. Each held-out setting gets "
             "its pre-training options from the other settings' tuning runs, by a coordinate search: `meta_weight_decay` at "
             "meta_grad's default teacher_lr, then `teacher_lr` at the decay chosen. Its own students never take part; its "
-            "training data does, in the pre-trainings behind the other settings' scores (a fully nested search would "
+            "data (noisy training set and clean split) does, in the pre-trainings behind the other settings' scores (a fully nested search would "
             "pre-train without both settings). The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
             "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "
-            "weights shrunk far below a working teacher's (see `suites/results/transfer.yaml`). Reports: "
+            "weights shrunk far below a working teacher's; at decay 1e-4 three gave near-constant weights with unshrunk "
+            "ones (see `suites/results/transfer.yaml`). Reports: "
             f"`docs/results/{name}/decay-*/report.md`.", "",
             *transfer_tuning_table(out),
         ]  # fmt: skip

@@ -85,17 +85,17 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         ], row
     text = "\n".join(lines)
     assert (
-        f"- held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0); `suites/results/transfer.yaml` uses it."
+        f"- held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0 on this coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     assert (
-        f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1** (criterion 80.0, the next 70.0); `suites/results/transfer.yaml` uses it."
+        f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1** (criterion 80.0, the next 70.0 on this coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": {"hidden": 32}}, "pretrain_options": {MNIST1D: A_LR}}))
     text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
     assert (
-        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0); `suites/results/transfer.yaml` uses hidden 32 instead."
+        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0 on this coordinate); `suites/results/transfer.yaml` uses hidden 32 instead."
         in text
     )
     assert "`suites/results/transfer.yaml` uses hidden 32, meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
