@@ -118,6 +118,15 @@ def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
+def standardised_within_batch(rows: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """``rows`` (..., batch, in_dim) with the columns where ``per_sample`` (in_dim,) is True centred on their
+    batch mean and divided by their batch standard deviation (a column constant over the batch becomes 0);
+    the others (the broadcast global features) unchanged."""
+    centred = rows - rows.mean(-2, keepdim=True)
+    scaled = centred / (centred.square().mean(-2, keepdim=True).sqrt() + 1e-6)
+    return torch.where(per_sample, scaled, rows)
+
+
 def input_size(features: str) -> int:
     """Width of the rows ``teacher_inputs`` builds for ``features``."""
     sizes = {"loss": 1, "surface": len(SAMPLE_FEATURES) + len(GLOBAL_FEATURES)}
@@ -170,6 +179,11 @@ class MetaGradOptions:
     meta_layers: str = field("all", META_LAYERS_HELP)
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
     alignment: bool = field(True, ALIGNMENT_HELP)
+    standardise: bool = field(
+        False,
+        "each per-sample input standardised over its batch (the global ones as they are): the teacher reads where a "
+        "sample stands in its batch, not raw values, whose scale differs between datasets and students",
+    )
     activation: str = field("relu", "hidden activation of the teacher network", choices=list(ACTIVATIONS))
     seed: int = field(0, "seeds the teacher network's initialisation", low=0)
 
@@ -180,7 +194,7 @@ class MetaGradTeacher(Teacher):
 
     reads_internal = "features"
     # teachers (and run keys) from before the alignment input and the activation option existed
-    legacy_options = {"alignment": False, "activation": "relu"}
+    legacy_options = {"alignment": False, "activation": "relu", "standardise": False}
 
     name = "meta_grad"
     kind = "online"
@@ -289,7 +303,17 @@ class MetaGradTeacher(Teacher):
         inputs = teacher_inputs(obs, self.hp.features)
         if self.hp.alignment:
             inputs = torch.cat([inputs, obs["alignment"].to(inputs.dtype)[:, None]], 1)
+        if self.hp.standardise:
+            inputs = standardised_within_batch(inputs, self.per_sample_columns(inputs.device))
         return self.net(inputs.to(self.net.out.weight.dtype))
+
+    def per_sample_columns(self, device: torch.device) -> torch.Tensor:
+        """Which columns of the teacher's input rows vary between samples: all but the broadcast global
+        features (which ``teacher_inputs`` puts after the per-sample ones, before the alignment input)."""
+        width = input_size(self.hp.features)
+        columns = torch.ones(width + self.hp.alignment, dtype=torch.bool, device=device)
+        columns[width - (0 if self.hp.features == "loss" else len(GLOBAL_FEATURES)) : width] = False
+        return columns
 
     def with_alignment(self, obs: dict) -> dict:
         """``obs`` with, when the teacher reads it and ``obs`` lacks it, the ``alignment`` entry of the

@@ -319,3 +319,29 @@ def test_a_leaky_teacher_network_can_revive_a_unit_that_is_negative_for_every_in
     weights = teacher.net(rows)
     (weights * torch.linspace(-1, 1, 32)).sum().backward()
     assert (first.weight.grad.abs().max() > 0) == recovers
+
+
+def test_standardised_inputs_read_where_a_sample_stands_in_its_batch_not_raw_values():
+    """With ``standardise`` the per-sample inputs are z-scores over the batch: an affine change of any of them
+    (another dataset's loss scale) leaves the weights as they were, up to the 1e-6 that keeps a constant
+    column at 0; the global inputs still count as given."""
+    env = make_tensor_env(**STUDENTS["mlp"], batch_size=16)
+    obs, _ = env.reset(seed=0)
+    rescaled = lambda o: {
+        **o,
+        "samples": 10 * o["samples"] + 3,
+        "internal": 0.1 * o["internal"] - 1,
+        "alignment": 5 * o["alignment"],
+    }
+    for standardise in (True, False):
+        teacher = MetaGradTeacher(standardise=standardise, hidden=8, seed=0)
+        with torch.no_grad():  # an output layer that makes the weights differ between samples
+            teacher.net.out.weight.normal_(generator=torch.Generator().manual_seed(0))
+        teacher.attach(env.unwrapped.handle)
+        seen = teacher.with_alignment(obs)
+        weights = teacher.weights(seen).detach()
+        assert weights.std() > 1e-3, "the weights differ between samples"
+        change = (teacher.weights(rescaled(seen)).detach() - weights).abs().max()
+        assert (change < 1e-4) == standardise, f"largest change {change:.2e}"
+        moved = teacher.weights({**seen, "global": seen["global"] + 0.5}).detach()
+        assert (moved - weights).abs().max() > 1e-3, "the global features are read as they are"
