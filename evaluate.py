@@ -242,10 +242,12 @@ class Job:
             **training, "steps": cfg.steps, "thresholds": cfg.thresholds, "device": cfg.device, "threads": cfg.threads,
             "data_root": cfg.data_root, "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent),
             "teacher": self.teacher_digest, "select_fraction": cfg.select_fraction,
-            "resolved": None if self.teacher_path else resolved_options(self.agent_name, self.agent_options),
+            "resolved": None
+            if self.teacher_path
+            else without_legacy_values(self.agent_name, resolved_options(self.agent_name, self.agent_options)),
         }  # fmt: skip
         fields = [self.stage, self.setting, self.agent, self.seed, self.lr, dict(self.options), context]
-        return canonical_key(json.dumps(fields, sort_keys=True, default=str))
+        return json.dumps(fields, sort_keys=True, default=str)  # already what canonical_key makes of it
 
     @property
     def label(self) -> str:

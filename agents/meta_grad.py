@@ -193,7 +193,7 @@ class MetaGradTeacher(Teacher):
     validation gradient, trained by exact meta-gradients through the last ``unroll`` real student updates."""
 
     reads_internal = "features"
-    # teachers (and run keys) from before the alignment input and the activation option existed
+    # teachers (and run keys) from before the alignment input and the activation and standardise options existed
     legacy_options = {"alignment": False, "activation": "relu", "standardise": False}
 
     name = "meta_grad"

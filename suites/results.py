@@ -170,13 +170,24 @@ def transfer_candidates(out: Path) -> list[dict[str, Any]]:
     return candidates
 
 
-def transfer_choice(out: Path) -> dict[str, dict[str, Any]]:
-    """Per held-out setting, the pre-training options the search chooses from the other settings' tuning runs."""
-    choice = {}
+def held_out_search(out: Path) -> dict[str, dict[str, Any]]:
+    """Per held-out setting, the search on the other settings' tuning runs: the ``decay`` chosen, then the
+    ``choice`` at that decay and the ``criterion`` of each of its teacher_lr candidates."""
+    search = {}
     for label, decay in chosen_decays(out).items():
         step = teacher_lr_step(decay)
-        choice[label] = best_without(step, tuning_scores(out, step), label)
-    return choice
+        scores = tuning_scores(out, step)
+        search[label] = {
+            "decay": decay,
+            "choice": best_without(step, scores, label),
+            "criterion": criterion_without(scores, label),
+        }
+    return search
+
+
+def transfer_choice(out: Path) -> dict[str, dict[str, Any]]:
+    """Per held-out setting, the pre-training options the search chooses from the other settings' tuning runs."""
+    return {label: search["choice"] for label, search in held_out_search(out).items()}
 
 
 def run_transfer_tuning(out: Path) -> None:
@@ -211,18 +222,16 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
             cells.append(f"{100 * score[label]:.1f}; {100 * np.mean(deltas):+.1f}")
         lines.append(f"| {candidate_label(options)} | " + " | ".join(cells) + " |")
     config = yaml.safe_load(suite.read_text())
-    decays, choice = chosen_decays(out), transfer_choice(out)
     lines += ["", "Chosen per held-out setting, from the other settings' tuning runs (never its own students):", ""]
-    for label in labels:
+    for label, search in held_out_search(out).items():
         options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
-        used, wanted = (evaluate.resolved_options("meta_grad", o) for o in (options, choice[label]))
+        used, wanted = (evaluate.resolved_options("meta_grad", o) for o in (options, search["choice"]))
         differing = {key: value for key, value in used.items() if value != wanted[key]}
         verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
-        step = teacher_lr_step(decays[label])
-        criterion = np.sort(criterion_without(tuning_scores(out, step), label))[::-1]
+        criterion = np.sort(search["criterion"])[::-1]
         lines.append(
-            f"- held out {label}: {candidate_label(decays[label])} (first coordinate), then "
-            f"**{candidate_label(choice[label])}** (criterion {100 * criterion[0]:.1f}, the next "
+            f"- held out {label}: {candidate_label(search['decay'])} (first coordinate), then "
+            f"**{candidate_label(search['choice'])}** (criterion {100 * criterion[0]:.1f}, the next "
             f"{100 * criterion[1]:.1f} on this coordinate); `suites/results/transfer.yaml` {verdict}."
         )
     return [
@@ -393,10 +402,11 @@ def section(name: str, out: Path | None) -> list[str]:
     report = (out / "report.md").read_text()
     tables = report.split("## ", 2)[2] if report.count("## ") >= 2 else report  # drop the title and the settings list
     tables = tables.replace("\n## ", "\n### ")  # the report's sections sit one level down here
-    summary = json.loads((out / "results.json").read_text())["summary"]
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
     lines = [f"## Suite `{name}`", "", f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md).", ""]
     if name == "transfer":
-        lines += [pretraining_options(json.loads((out / "results.json").read_text())), ""]
+        lines += [pretraining_options(results), ""]
     lines += ["### " + tables]
     lines += ["### What the numbers say", "", *reading(summary), "", "Headroom (share of the uniform-to-oracle gap closed):", ""]
     lines += [*oracle_gap(summary), ""]

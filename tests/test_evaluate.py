@@ -161,6 +161,17 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
                 "--leave-one-out",
                 "meta_grad",
                 "--grid",
+                "[{student_kwargs: {hidden: [16, 8]}}, {student_kwargs: {hidden: [12, 8]}}]",
+                "--pretrain-options",
+                "{digits/mlp/symmetric 0.4: {teacher_lr: 0.01}}",
+            ],
+            "two settings of the grid share one",
+        ),
+        (
+            [
+                "--leave-one-out",
+                "meta_grad",
+                "--grid",
                 "{noise: [symmetric, pairflip]}",
                 "--pretrain-options",
                 "{digits/mlp/none 0.4: {teacher_lr: 0.01}}",
