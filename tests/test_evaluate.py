@@ -404,3 +404,10 @@ def test_a_changed_default_re_runs_on_resume(tmp_path, monkeypatch):
     rows = _evaluate(tmp_path, *argv, "--resume")
     assert calls == ["small_loss"], "only the agent whose default changed runs again"
     assert len(rows) == 2 and not (tmp_path / "report" / "errors.jsonl").exists()
+
+
+def test_an_option_set_to_none_resolves_to_its_default_in_keys_and_digests():
+    """None means "the default" for flags and agents alike, so a key or digest holds the default the run used."""
+    default = evaluate.resolved_options("meta_grad", {})
+    assert evaluate.resolved_options("meta_grad", {"init_weight": None, "teacher_lr": None}) == default
+    assert evaluate.resolved_options("meta_grad", {"teacher_lr": 0.01})["teacher_lr"] == 0.01 != default["teacher_lr"]
