@@ -77,8 +77,9 @@ class ObservationBuilder:
 
     Small students make the cost of an observation one of tensor-op count, not of arithmetic, so
     the two hidden layers are handled as one zero-padded (2, batch, width) stack (padding changes no
-    norm or cosine) and class statistics come from one one-hot matrix: about 50 ops per step, none
-    of which reads a value back to the host.
+    norm or cosine) and class statistics come from one one-hot matrix, rows of a stored identity
+    (``F.one_hot`` would check the labels' range, two reads back to the host on the CPU): about 40
+    ops for ``samples`` and 80 for ``internal`` per step, none of which reads a value back to the host.
     """
 
     def __init__(self, num_train: int, num_classes: int, device: torch.device | str):
@@ -89,6 +90,7 @@ class ObservationBuilder:
         self.widths: list[int] = []  # the true width of each layer's centroids
         self.train_loss = torch.tensor(math.log(num_classes), device=device)
         self.train_acc = torch.tensor(1.0 / num_classes, device=device)
+        self.one_hot = torch.eye(num_classes, device=device)  # row c: class c's one-hot (indexing it needs no range check)
 
     def state_dict(self) -> dict:
         centroids = [c[:, :w].cpu() for c, w in zip(self.centroids, self.widths)] if self.centroids is not None else []
@@ -136,8 +138,9 @@ class ObservationBuilder:
         norm = h.norm(dim=2)
         log_norm = torch.log(norm + 1e-8)
         unit = h / (norm[..., None] + 1e-8)
-        one_hot = F.one_hot(labels, self.num_classes).to(unit.dtype)
-        centroids = self._update_centroids(unit, one_hot, [x.shape[1] for x in layers])
+        one_hot = self.one_hot.to(unit.dtype)[labels]
+        counts = one_hot.sum(0)
+        centroids = self._update_centroids(unit, one_hot, counts, [x.shape[1] for x in layers])
         cos = unit @ F.normalize(centroids, dim=2, eps=1e-8).transpose(1, 2)  # (2, batch, K)
         own_class = labels.expand(2, -1)[..., None]
         cos_own = cos.gather(2, own_class).squeeze(2)
@@ -148,16 +151,17 @@ class ObservationBuilder:
                 cos_own,
                 cos_other,
                 cos_own - cos_other,
-                _knn_agreement(unit, norm > 0, labels),
+                _knn_agreement(unit, norm > 0, labels, counts[labels]),
             ],
             2,
         )  # (2, batch, per-layer features)
         return features.transpose(0, 1).flatten(1)
 
-    def _update_centroids(self, unit: torch.Tensor, one_hot: torch.Tensor, widths: list[int]) -> torch.Tensor:
-        """Running (EMA) centroid of the unit features of each given class, per layer; returns the
-        pre-update ones (the batch's own class means on the first batch)."""
-        counts = one_hot.sum(0)
+    def _update_centroids(
+        self, unit: torch.Tensor, one_hot: torch.Tensor, counts: torch.Tensor, widths: list[int]
+    ) -> torch.Tensor:
+        """Running (EMA) centroid of the unit features of each given class (``counts`` samples of each
+        in the batch), per layer; returns the pre-update ones (the batch's own class means on the first batch)."""
         batch_means = (one_hot.T @ unit) / counts.clamp(min=1)[:, None]  # (2, K, width)
         previous = self.centroids
         if previous is None or self.widths != widths:
@@ -175,9 +179,11 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.pad(r, (0, width - r.shape[1])) for r in rows])
 
 
-def _knn_agreement(unit: torch.Tensor, has_direction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _knn_agreement(
+    unit: torch.Tensor, has_direction: torch.Tensor, labels: torch.Tensor, label_count: torch.Tensor
+) -> torch.Tensor:
     """(layers, batch): the fraction of each sample's nearest batch neighbours (cosine, itself
-    excluded) that share its label.
+    excluded) that share its label (``label_count``: how many samples of the batch, itself included, have it).
 
     A sample whose hidden state is all zeros (``has_direction`` False: common once ReLU units die) is
     at cosine 0 from every other, so its neighbours would be decided by how ``topk`` breaks ties. It
@@ -190,8 +196,8 @@ def _knn_agreement(unit: torch.Tensor, has_direction: torch.Tensor, labels: torc
     k = min(NEIGHBOURS, n - 1)
     if k <= 0:
         return torch.ones(unit.shape[:2], device=unit.device)
-    same_label = labels[:, None] == labels[None, :]
-    similarity = unit @ unit.transpose(1, 2) - 2.0 * (~has_direction)[:, None, :].to(unit.dtype)
+    # a dead sample's column is exactly 0 (its unit row is zero): set to -2, below every live cosine
+    similarity = (unit @ unit.transpose(1, 2)).masked_fill_(~has_direction[:, None, :], -2.0)
     similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
     if similarity.device.type == "cpu" and similarity.shape[2] < TOPK_HEAP_ROW * k:
         # PyTorch's CPU topk selects in rows shorter than 64 k with nth_element, which mispredicts
@@ -202,7 +208,7 @@ def _knn_agreement(unit: torch.Tensor, has_direction: torch.Tensor, labels: torc
     live = nearest.values > -1.5  # a live neighbour (cosine in [-1, 1]), not a dead sample's column (-2)
     live_count = live.sum(2)
     agree = ((labels[nearest.indices] == labels[:, None]) & live).sum(2) / live_count.clamp(min=1)
-    random_neighbours = (same_label.sum(1) - 1) / (n - 1)
+    random_neighbours = (label_count - 1) / (n - 1)
     return torch.where(has_direction & (live_count > 0), agree, random_neighbours).float()
 
 
@@ -226,7 +232,7 @@ def clip_to_bounds(values: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tenso
     """Clip the last dimension of ``values`` to ``bounds`` = (low, high) tensors of a feature table;
     NaN (a feature of a degenerate student, e.g. all-zero hidden states) becomes 0."""
     low, high = bounds
-    return torch.minimum(torch.maximum(torch.nan_to_num(values, nan=0.0), low), high)
+    return torch.clamp(torch.nan_to_num(values, nan=0.0), low, high)
 
 
 def observation_spec(env: Any) -> dict:

@@ -300,7 +300,7 @@ class TeachingEnv(gym.Env):
         if weights.is_complex() or weights.dtype == torch.bool:
             raise ValueError(f"action must be real numbers, got dtype {weights.dtype}")
         weights = weights.to(self.device, self.dtype)
-        return weights, (torch.isfinite(weights) & (weights >= 0) & (weights <= 1)).all()
+        return weights, ((weights >= 0) & (weights <= 1)).all()  # NaN and +-inf fail one of the comparisons
 
     def _raise_on_bad_action(self, valid: torch.Tensor | None) -> None:
         """Report a torch action that failed its device-side check since the last evaluation (its
