@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import interleaved, machine, save  # noqa: E402
+from benchmarks.common import add_ratios, interleaved, machine, save  # noqa: E402
 
 SHAPES = ((128, 32, 28, 28), (128, 64, 14, 14))  # the CNN's two conv outputs on MNIST, batch 128
 LAYOUTS = {
@@ -59,10 +59,13 @@ def main() -> None:
             timed[f"{mode}: {layout}"] = fn
     timings = interleaved(timed, args.calls, args.rounds, torch.device("cpu"))
     for mode in ("forward", "forward + backward"):
-        base = timings[f"{mode}: NCHW, relu then pool"]["ms"]
+        add_ratios(
+            {f"{mode}: {layout}": timings[f"{mode}: {layout}"] for layout in LAYOUTS},
+            f"{mode}: NCHW, relu then pool",
+            "ratio_to_round1",
+        )
         for layout in LAYOUTS:
             t = timings[f"{mode}: {layout}"]
-            t["ratio_to_round1"] = t["ms"] / base
             print(f"{mode:20s} {layout:32s} {t['ms']:7.2f} ms  x{t['ratio_to_round1']:.2f}")
     if not args.no_save:
         print("saved", save("cnn_layout", {"machine": machine(torch.device("cpu")), "shapes": SHAPES, "timings": timings}))

@@ -55,9 +55,18 @@ def interleaved(candidates: dict[str, Callable[[], object]], calls: int, rounds:
         for name, fn in candidates.items():
             samples[name].append(1e3 * seconds_per_call(fn, calls, device))
     return {
-        name: {"ms": statistics.median(v), "ms_min": min(v), "ms_max": max(v), "rounds": rounds, "calls": calls}
+        name: {"ms": statistics.median(v), "ms_min": min(v), "ms_max": max(v), "rounds": rounds, "calls": calls, "round_ms": v}
         for name, v in samples.items()
     }
+
+
+def add_ratios(timings: dict[str, dict], base: str, key: str) -> None:
+    """Set ``timings[name][key]`` to the median over rounds of each round's time divided by ``base``'s
+    in the same round (and ``key``_min / _max): a pair timed seconds apart shares the machine's
+    state, so a slow spell of a noisy machine cancels out instead of landing on one side."""
+    for t in timings.values():
+        ratios = [ms / ref for ms, ref in zip(t["round_ms"], timings[base]["round_ms"])]
+        t[key], t[f"{key}_min"], t[f"{key}_max"] = statistics.median(ratios), min(ratios), max(ratios)
 
 
 def plain_training_step(env, student: str, batch_size: int, device: torch.device) -> Callable[[], None]:

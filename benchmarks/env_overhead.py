@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import DATA_ROOT, interleaved, machine, plain_training_step, save  # noqa: E402
+from benchmarks.common import DATA_ROOT, add_ratios, interleaved, machine, plain_training_step, save  # noqa: E402
 from envs import env_factory  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
 
@@ -33,9 +33,7 @@ def measure(dataset: str, student: str, batch_size: int, device: torch.device, c
         {"plain loop": plain_step, "env (tensor obs)": lambda: env_tensor.step(ones), "env (numpy obs)": lambda: env_numpy.step(ones.cpu().numpy())},
         calls, rounds, device,
     )  # fmt: skip
-    base = timings["plain loop"]["ms"]
-    for t in timings.values():
-        t["ratio_to_plain"] = t["ms"] / base
+    add_ratios(timings, "plain loop", "ratio_to_plain")
     return {"dataset": dataset, "student": student, "batch_size": batch_size, "timings": timings}
 
 
@@ -46,7 +44,7 @@ def main() -> None:
     parser.add_argument("--student", default="mlp")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -58,7 +56,7 @@ def main() -> None:
         print(f"{r['dataset']}/{r['student']} batch {r['batch_size']} on {device}:")
         for name, t in r["timings"].items():
             print(
-                f"  {name:18s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain; rounds {t['ms_min']:.3f}-{t['ms_max']:.3f})"
+                f"  {name:18s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain, rounds x{t['ratio_to_plain_min']:.2f}-{t['ratio_to_plain_max']:.2f})"
             )
     if not args.no_save:
         print("saved", save("env_overhead", result))

@@ -31,7 +31,7 @@ import students.data  # noqa: E402
 from agents import make_agent  # noqa: E402
 from agents.base import agent_class  # noqa: E402
 from agents.loop import start, teach  # noqa: E402
-from benchmarks.common import DATA_ROOT, interleaved, machine, plain_training_step, save, sync  # noqa: E402
+from benchmarks.common import DATA_ROOT, add_ratios, interleaved, machine, plain_training_step, save, sync  # noqa: E402
 from envs import env_factory  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
 
@@ -99,9 +99,8 @@ def measure(name: str, batch_size: int, device: torch.device, calls: int, rounds
     for label, (agent, kwargs) in TEACHERS.items():
         candidates[label] = teaching_step(agent, kwargs, config, batch_size, device)
     timings = interleaved(candidates, calls, rounds, device)
-    base = timings["plain step"]["ms"]
+    add_ratios(timings, "plain step", "ratio_to_plain")
     for label, t in timings.items():
-        t["ratio_to_plain"] = t["ms"] / base
         t["peak_mib"] = peak_memory(candidates[label], min(calls, 10), device)
     return {"config": name, "batch_size": batch_size, "timings": timings}
 
@@ -122,7 +121,7 @@ def main() -> None:
     parser.add_argument(
         "--calls", type=int, default=30, help="steps per timing round (a multiple of 15 keeps B=3, 5 windows whole)"
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -136,7 +135,10 @@ def main() -> None:
         print(f"{name}, batch {args.batch_size}, {device} (max RSS {r['max_rss_mib']:.0f} MiB):")
         for label, t in r["timings"].items():
             memory = f", peak {t['peak_mib']:.0f} MiB" if t["peak_mib"] is not None else ""
-            print(f"  {label:20s} {t['ms']:8.2f} ms/step  x{t['ratio_to_plain']:.2f}{memory}")
+            print(
+                f"  {label:20s} {t['ms']:8.2f} ms/step  x{t['ratio_to_plain']:.2f} "
+                f"(rounds x{t['ratio_to_plain_min']:.2f}-{t['ratio_to_plain_max']:.2f}){memory}"
+            )
     payload = {"machine": machine(device), "results": results}
     if not args.no_save:
         print("saved", save("teach_step", payload))
