@@ -235,12 +235,13 @@ class Job:
     @property
     def key(self) -> str:
         """Identifies the job in runs.jsonl: everything that changes its result, so that ``--resume``
-        after an edited config re-runs what changed instead of mixing old and new runs."""
+        after an edited config re-runs what changed instead of mixing old and new runs (not where the
+        data is read from: the same files from another checkout's path are the same run)."""
         cfg = self.cfg
         training = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining) if f.name != "lr"}
         context = {
             **training, "steps": cfg.steps, "thresholds": cfg.thresholds, "device": cfg.device, "threads": cfg.threads,
-            "data_root": cfg.data_root, "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent),
+            "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent),
             "teacher": self.teacher_digest, "select_fraction": cfg.select_fraction,
             "resolved": None
             if self.teacher_path
@@ -292,16 +293,19 @@ def without_legacy_values(agent: str, resolved: dict[str, Any]) -> dict[str, Any
 
 def canonical_key(key: str) -> str:
     """A run key (``Job.key``, or one read from runs.jsonl) with its resolved options less their legacy
-    values, so that adding an option to an agent leaves the keys of the runs it does not change valid.
-    Only the resolved options are touched: a legacy value written out in --agent-options still makes
-    another key (a re-run, never a wrong reuse); keys of other formats are returned as they are."""
+    values, so that adding an option to an agent leaves the keys of the runs it does not change valid,
+    and without the data folder that keys once held (a run from another checkout is the same run).
+    Only these are touched: a legacy value written out in --agent-options still makes another key (a
+    re-run, never a wrong reuse); keys of other formats are returned as they are."""
     try:
         fields = json.loads(key)
     except json.JSONDecodeError:
         return key
     context = fields[-1] if isinstance(fields, list) and len(fields) > 2 else None
-    if isinstance(context, dict) and context.get("resolved") is not None and base_agent(fields[2]) in AGENTS:
-        context["resolved"] = without_legacy_values(base_agent(fields[2]), context["resolved"])
+    if isinstance(context, dict):
+        context.pop("data_root", None)
+        if context.get("resolved") is not None and base_agent(fields[2]) in AGENTS:
+            context["resolved"] = without_legacy_values(base_agent(fields[2]), context["resolved"])
     return json.dumps(fields, sort_keys=True, default=str)
 
 
@@ -489,7 +493,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
         options = cfg.held_out_options(setting_label(setting))
-        flags = as_flags(student) + as_flags(options) + data
+        flags = as_flags(student) + as_flags(options)
         resolved = without_legacy_values(cfg.leave_one_out, resolved_options(cfg.leave_one_out, options))
         folder = f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         for k in range(cfg.pretrain_seeds):
@@ -498,12 +502,13 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
                 "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * episodes), "--device", cfg.device,
                 "--threads", str(cfg.threads), "--no-progress", *flags,
             ]  # fmt: skip
-            # another pre-training, or one under other defaults, never reuses this one
+            # another pre-training, or one under other defaults, never reuses this one (where its data is
+            # read from is not part of it: the same pre-training from another checkout is the same one)
             digest = hashlib.sha256(json.dumps([argv, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
             run = out / "pretrained" / f"{folder}-{digest}"
             if not (run / "summary.json").exists():
                 shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
-                train_teacher.main([*argv, "--out", str(run)])
+                train_teacher.main([*argv, *data, "--out", str(run)])
             name = f"{cfg.leave_one_out}@held-out" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
             paths.setdefault(json.dumps(setting, sort_keys=True), {})[name] = str(run)
     return paths

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,13 @@ cores with other runs: indicative only; `benchmarks/teach_step.py` measures cost
 """
 
 
+def recorded_path(path: Path) -> str:
+    """``path`` as the runs will record it (teacher paths, run folders): relative to the repository root
+    when inside it (``main`` runs there), so that results name the repository's folders wherever it is
+    checked out (a suite run in a worktree records docs/results/..., not the worktree's absolute path)."""
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else str(path)
+
+
 def run_rl_suite(out: Path) -> None:
     """The RL teachers, fairly: each trained for ``RL_BUDGET`` student updates (episodes of 1,500, the
     evaluation horizon; seed 10000) on digits / pair-flip 40%, its learning curve plotted, then
@@ -78,12 +86,12 @@ def run_rl_suite(out: Path) -> None:
         if not (run / "summary.json").exists():
             train_teacher.main([
                 "--agent", agent, *RL_SETTING, "--steps", str(RL_BUDGET), "--horizon", str(RL_HORIZON), "--reward", "accuracy",
-                "--seed", "10000", "--n-envs", "2", "--out", str(run), "--no-progress", *(["--resume"] if run.exists() else []),
+                "--seed", "10000", "--n-envs", "2", "--out", recorded_path(run), "--no-progress", *(["--resume"] if run.exists() else []),
             ])  # fmt: skip
     plot_rl_curves(out)
-    teachers = ",".join(str(out / "teachers" / agent) for agent in RL_AGENTS)
+    teachers = ",".join(recorded_path(out / "teachers" / agent) for agent in RL_AGENTS)
     evaluate.main(["--agents", "uniform,meta_grad,oracle", "--teachers", teachers, *RL_SETTING, "--steps", str(RL_HORIZON), "--seeds", "5",
-                   "--device", "cpu", "--workers", "2", "--out", str(out), "--resume", "--no-progress"])  # fmt: skip
+                   "--device", "cpu", "--workers", "2", "--out", recorded_path(out), "--resume", "--no-progress"])  # fmt: skip
 
 
 def _option_text(value: Any) -> str:
@@ -108,7 +116,7 @@ def transfer_tuning_argv(options: dict[str, Any], out: Path) -> list[str]:
         "--suite", str(TRANSFER_SUITE), "--agents", "uniform", "--pretrain-seeds", "2",
         "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED),
         "--agent-options", json.dumps({"meta_grad": options}), "--pretrain-options", "{}",
-        "--out", str(out / candidate_folder(options)), "--resume", "--no-progress",
+        "--out", recorded_path(out / candidate_folder(options)), "--resume", "--no-progress",
     ]  # fmt: skip
 
 
@@ -273,7 +281,14 @@ def run_suite(name: str) -> Path | None:
     if name == "transfer_tuning":
         run_transfer_tuning(out)
         return out
-    argv = ["--suite", str(ROOT / "suites" / "results" / f"{name}.yaml"), "--out", str(out), "--resume", "--no-progress"]
+    argv = [
+        "--suite",
+        str(ROOT / "suites" / "results" / f"{name}.yaml"),
+        "--out",
+        recorded_path(out),
+        "--resume",
+        "--no-progress",
+    ]
     if name.rpartition("_")[2] == "mnist":  # real MNIST, from ../shared/data
         if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
             return None
@@ -449,6 +464,7 @@ def main() -> None:
     )
     parser.add_argument("--write-only", action="store_true", help="run nothing; rewrite docs/results.md from the results present")
     args = parser.parse_args()
+    os.chdir(ROOT)  # the paths handed to the runs are relative to it (recorded_path)
     outputs = {}
     for name in SUITES:
         if args.only in (None, name) and not args.write_only:

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,3 +412,42 @@ def test_an_option_set_to_none_resolves_to_its_default_in_keys_and_digests():
     default = evaluate.resolved_options("meta_grad", {})
     assert evaluate.resolved_options("meta_grad", {"init_weight": None, "teacher_lr": None}) == default
     assert evaluate.resolved_options("meta_grad", {"teacher_lr": 0.01})["teacher_lr"] == 0.01 != default["teacher_lr"]
+
+
+def test_where_the_data_is_read_from_names_neither_another_run_nor_another_pre_training(tmp_path, monkeypatch):
+    """Run keys once held --data-root; the same files read from another checkout's path are the same
+    run (a recorded key with a data folder is reused on --resume) and the same pre-training (its folder
+    digest does not change), while the pre-training is still handed the folder to read."""
+    argv = ["--agents", "uniform", "--seeds", "1"]
+    _evaluate(tmp_path, *argv)
+    log = tmp_path / "report" / "runs.jsonl"
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    fields = json.loads(record["key"])
+    assert "data_root" not in fields[-1]
+    fields[-1]["data_root"] = "/another/checkout/shared/data"
+    log.write_text(json.dumps({**record, "key": json.dumps(fields, sort_keys=True)}) + "\n")
+    real_run_job, calls = evaluate.run_job, []
+    monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job.agent) or real_run_job(job))
+    _evaluate(tmp_path, *argv, "--resume")
+    assert calls == [], "a run recorded with a data folder is reused"
+
+    import train_teacher
+
+    handed = []
+
+    def pre_train(argv):  # records what the pre-training would read, and finishes at once
+        handed.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(train_teacher, "main", pre_train)
+    grid = json.dumps([{"noise": "symmetric"}, {"noise": "pairflip"}])
+    folders = []
+    for root in ("/one/checkout/data", "/another/checkout/data"):
+        cfg = evaluate.parse_args(["--grid", grid, "--leave-one-out", "meta_grad", "--data-root", root, *SMALL])
+        folders.append(evaluate.pretrain_held_out(cfg, tmp_path / root.split("/")[1]))
+    assert [Path(p).name for p in folders[0][next(iter(folders[0]))].values()] == [
+        Path(p).name for p in folders[1][next(iter(folders[1]))].values()
+    ]
+    assert [a[a.index("--data-root") + 1] for a in handed] == ["/one/checkout/data"] * 2 + ["/another/checkout/data"] * 2

@@ -159,3 +159,15 @@ def test_the_transfer_section_names_the_options_its_teachers_were_pre_trained_wi
         f"`meta_grad` pre-training options (over its defaults): held out {MNIST1D}: hidden 32; "
         f"held out {DIGITS}: hidden 32, meta_weight_decay 0.3, teacher_lr 0.001."
     )
+
+
+def test_runs_record_the_repositorys_folders_wherever_it_is_checked_out(monkeypatch, tmp_path):
+    """The suites hand the runs paths relative to the repository root (where ``main`` runs), so teacher
+    paths and run folders in the committed results do not name the checkout (e.g. a worktree) they ran in."""
+    calls = []
+    monkeypatch.setattr(results.evaluate, "main", calls.append)
+    results.run_suite("digits")
+    (argv,) = calls
+    assert argv[argv.index("--out") + 1] == "docs/results/digits"
+    assert results.recorded_path(results.ROOT / "docs" / "results" / "rl" / "teachers" / "ppo") == "docs/results/rl/teachers/ppo"
+    assert results.recorded_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere"), "a folder outside it stays absolute"
