@@ -258,9 +258,8 @@ class MetaGradTeacher(Teacher):
         if not isinstance(head, nn.Linear) or head.bias is None or self.meta_layers() != {"head.weight", "head.bias"}:
             return False
         if self._head_checked[0] is not self.handle.student:
-            with torch.no_grad():
-                logits = F.linear(transition.head_input, transition.params["head.weight"], transition.params["head.bias"])
-            fits = torch.allclose(logits, transition.logits, rtol=1e-4, atol=1e-5 * float(transition.logits.abs().max()))
+            params = transition.params
+            fits = head_reads_last_hidden(transition.logits, transition.head_input, params["head.weight"], params["head.bias"])
             if not fits:
                 warnings.warn(
                     "the student's last hidden state is not its head's input: meta_layers 'head' takes the generic path",
@@ -283,7 +282,7 @@ class MetaGradTeacher(Teacher):
             if fits:
                 with torch.no_grad():
                     logits, hidden = student.to(u.device, u.dtype)(u.data.train.x[:2])
-                    fits = torch.allclose(head(head_input(hidden)), logits)
+                fits = head_reads_last_hidden(logits, head_input(hidden), head.weight, head.bias)
             if not fits:
                 raise ValueError(
                     f"alignment needs a student whose last hidden state feeds an nn.Linear named head; "
@@ -413,6 +412,15 @@ class MetaGradTeacher(Teacher):
         self.net.load_state_dict(state["net"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def head_reads_last_hidden(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether ``logits`` are the output layer (``weight``, ``bias``) applied to the last hidden state
+    ``hidden``, to float32 rounding: the premise of the closed-form output-layer gradients (``head_alignment``
+    and the alignment input). One read back to the host; checked once per student."""
+    with torch.no_grad():
+        recomputed = F.linear(hidden, weight, bias)
+    return torch.allclose(recomputed, logits, rtol=1e-4, atol=1e-5 * float(logits.abs().max()))
 
 
 def weight_gradient(inner: torch.Tensor, weights: torch.Tensor, lr: float) -> torch.Tensor:
