@@ -606,6 +606,9 @@ def benchmark(cfg: EvalConfig, sweep: Sweep, out: Path, tuning: list[Job]) -> li
     finished = sweep.run(jobs, run_job, out, "students", cfg.progress, canonical_key)
     results = [finished[job.key] for job in jobs if job.key in finished]
     failures = failed_jobs(out, [job for job in tuning + jobs if job.key not in finished])
+    for job in jobs:  # a reused run was found by its teacher's content: it names where that teacher is now
+        if job.key in finished:
+            finished[job.key]["row"]["teacher_path"] = job.teacher_path or ""
     rows = [r["row"] for r in results]
     add_uniform_ratio(rows)
     table = aggregate(rows)

@@ -47,7 +47,8 @@ def seconds_per_call(fn: Callable[[], object], calls: int, device: torch.device)
 
 def interleaved(candidates: dict[str, Callable[[], object]], calls: int, rounds: int, device: torch.device) -> dict[str, dict]:
     """Time each candidate in ``rounds`` alternating rounds (so drifts of a noisy machine hit all
-    alike); median and spread of the per-round means, in milliseconds."""
+    alike); median and spread of the per-round means, in milliseconds, and the per-round means
+    themselves (``round_ms``, which ``add_ratios`` pairs by round)."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():  # warm-up (allocator, lazy init, first-use compilation)
         seconds_per_call(fn, max(1, calls // 4), device)

@@ -196,7 +196,8 @@ def _knn_agreement(
     k = min(NEIGHBOURS, n - 1)
     if k <= 0:
         return torch.ones(unit.shape[:2], device=unit.device)
-    # a dead sample's column is exactly 0 (its unit row is zero): set to -2, below every live cosine
+    # a sample without direction (an all-zero hidden state, whose column is 0, or a non-finite one, whose
+    # norm > 0 is False too) is set to -2 in every row, below every live cosine: no one's neighbour
     similarity = (unit @ unit.transpose(1, 2)).masked_fill_(~has_direction[:, None, :], -2.0)
     similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
     if similarity.device.type == "cpu" and similarity.shape[2] < TOPK_HEAP_ROW * k:

@@ -13,6 +13,7 @@ the tables, the tuned values, and a reading of every paired difference generated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -70,7 +71,7 @@ cores with other runs: indicative only; `benchmarks/teach_step.py` measures cost
 
 def recorded_path(path: Path) -> str:
     """``path`` as the runs will record it (teacher paths, run folders): relative to the repository root
-    when inside it (``main`` runs there), so that results name the repository's folders wherever it is
+    when inside it (``run_suite`` runs there), so that results name the repository's folders wherever it is
     checked out (a suite run in a worktree records docs/results/..., not the worktree's absolute path)."""
     return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else str(path)
 
@@ -273,7 +274,13 @@ def plot_rl_curves(out: Path) -> None:
 
 
 def run_suite(name: str) -> Path | None:
-    """Run (or resume) one suite; None when its data is not on this machine."""
+    """Run (or resume) one suite, from the repository root (the paths handed to its runs are relative
+    to it: ``recorded_path``); None when its data is not on this machine."""
+    with contextlib.chdir(ROOT):
+        return _run_suite(name)
+
+
+def _run_suite(name: str) -> Path | None:
     out = ROOT / "docs" / "results" / name
     if name == "rl":
         run_rl_suite(out)
@@ -292,7 +299,7 @@ def run_suite(name: str) -> Path | None:
     if name.rpartition("_")[2] == "mnist":  # real MNIST, from ../shared/data
         if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
             return None
-        argv += ["--data-root", str(DATA_ROOT)]
+        argv += ["--data-root", os.path.relpath(DATA_ROOT, ROOT)]  # ../shared/data, the same from every checkout
     evaluate.main(argv)
     return out
 
@@ -464,7 +471,6 @@ def main() -> None:
     )
     parser.add_argument("--write-only", action="store_true", help="run nothing; rewrite docs/results.md from the results present")
     args = parser.parse_args()
-    os.chdir(ROOT)  # the paths handed to the runs are relative to it (recorded_path)
     outputs = {}
     for name in SUITES:
         if args.only in (None, name) and not args.write_only:

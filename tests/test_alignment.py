@@ -119,6 +119,26 @@ def test_a_student_whose_head_is_not_a_linear_layer_is_refused_before_training(m
     MetaGradTeacher(alignment=False).check_env(env)
 
 
+def test_a_linear_head_fed_by_another_state_than_the_last_hidden_one_is_refused_before_training(monkeypatch):
+    def reports_another_state(*args, **kwargs) -> nn.Module:
+        model = make_student(*args, **kwargs)
+        forward = model.forward
+
+        def scaled_last_hidden(x):
+            logits, hidden = forward(x)
+            last = list(hidden)[-1]
+            return logits, {**hidden, last: 2 * hidden[last]}
+
+        model.forward = scaled_last_hidden
+        return model
+
+    env = make_tensor_env(**STUDENT, batch_size=16)
+    MetaGradTeacher().check_env(env)  # the built-in student passes
+    monkeypatch.setattr(agents.meta_grad, "make_student", reports_another_state)
+    with pytest.raises(ValueError, match="alignment needs a student whose last hidden state feeds an nn.Linear"):
+        MetaGradTeacher().check_env(env)
+
+
 def test_a_resumed_env_keeps_the_validation_gradient_and_a_fresh_student_never_inherits_it(monkeypatch):
     env = trained_env()
     handle = env.unwrapped.handle

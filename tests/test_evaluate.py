@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_workers_do_not_change_results(tmp_path):
     assert json.dumps(_deterministic(one), sort_keys=True) == json.dumps(_deterministic(two), sort_keys=True)  # NaN-safe
 
 
-def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path):
+def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path, monkeypatch):
     run = tmp_path / "teacher"
     train_teacher.main(["--agent", "meta_grad", "--out", str(run), "--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}",
                         "--batch-size", "16", "--val-size", "200", "--steps", "40", "--eval-every", "20", "--no-progress"])  # fmt: skip
@@ -123,6 +124,15 @@ def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path):
         and "digits/mlp/symmetric 0.4 (seeds 0-0) | mnist1d/cnn/symmetric 0.4 (1-2) | frozen" in report
     )
     assert not (tmp_path / "in-sample").exists()
+    moved = tmp_path / "elsewhere" / "teacher"  # the same teacher, from another checkout's folder
+    shutil.copytree(run, moved)
+    real_run_job, calls = evaluate.run_job, []
+    monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job.agent) or real_run_job(job))
+    again = evaluate.main(
+        ["--out", str(tmp_path / "t"), *[str(moved) if a == str(run) else a for a in target], "--seed", "1", "--resume"]
+    )
+    assert calls == [], "found by the teacher's content: nothing re-runs"
+    assert {r["teacher_path"] for r in again if r["teacher_path"]} == {str(moved)}, "the rows name where the teacher is now"
 
 
 def _exit_2(capsys, tmp_path, *argv: str) -> str:
@@ -414,10 +424,9 @@ def test_an_option_set_to_none_resolves_to_its_default_in_keys_and_digests():
     assert evaluate.resolved_options("meta_grad", {"teacher_lr": 0.01})["teacher_lr"] == 0.01 != default["teacher_lr"]
 
 
-def test_where_the_data_is_read_from_names_neither_another_run_nor_another_pre_training(tmp_path, monkeypatch):
+def test_a_run_recorded_with_its_data_folder_is_reused_from_another_checkout(tmp_path, monkeypatch):
     """Run keys once held --data-root; the same files read from another checkout's path are the same
-    run (a recorded key with a data folder is reused on --resume) and the same pre-training (its folder
-    digest does not change), while the pre-training is still handed the folder to read."""
+    run, so a recorded key with a data folder is reused on --resume."""
     argv = ["--agents", "uniform", "--seeds", "1"]
     _evaluate(tmp_path, *argv)
     log = tmp_path / "report" / "runs.jsonl"
@@ -431,8 +440,10 @@ def test_where_the_data_is_read_from_names_neither_another_run_nor_another_pre_t
     _evaluate(tmp_path, *argv, "--resume")
     assert calls == [], "a run recorded with a data folder is reused"
 
-    import train_teacher
 
+def test_a_pre_training_from_another_data_folder_is_the_same_pre_training(tmp_path, monkeypatch):
+    """The pre-training's folder digest does not hold --data-root, while the pre-training is still
+    handed the folder to read."""
     handed = []
 
     def pre_train(argv):  # records what the pre-training would read, and finishes at once
@@ -446,8 +457,7 @@ def test_where_the_data_is_read_from_names_neither_another_run_nor_another_pre_t
     folders = []
     for root in ("/one/checkout/data", "/another/checkout/data"):
         cfg = evaluate.parse_args(["--grid", grid, "--leave-one-out", "meta_grad", "--data-root", root, *SMALL])
-        folders.append(evaluate.pretrain_held_out(cfg, tmp_path / root.split("/")[1]))
-    assert [Path(p).name for p in folders[0][next(iter(folders[0]))].values()] == [
-        Path(p).name for p in folders[1][next(iter(folders[1]))].values()
-    ]
+        runs = evaluate.pretrain_held_out(cfg, tmp_path / root.split("/")[1])
+        folders.append([Path(path).name for by_label in runs.values() for path in by_label.values()])
+    assert folders[0] == folders[1] and len(folders[0]) == 2
     assert [a[a.index("--data-root") + 1] for a in handed] == ["/one/checkout/data"] * 2 + ["/another/checkout/data"] * 2

@@ -165,9 +165,11 @@ def test_runs_record_the_repositorys_folders_wherever_it_is_checked_out(monkeypa
     """The suites hand the runs paths relative to the repository root (where ``main`` runs), so teacher
     paths and run folders in the committed results do not name the checkout (e.g. a worktree) they ran in."""
     calls = []
-    monkeypatch.setattr(results.evaluate, "main", calls.append)
+    monkeypatch.setattr(results.evaluate, "main", lambda argv: calls.append((argv, Path.cwd())))
+    monkeypatch.chdir(tmp_path)  # called from elsewhere, it still runs from the repository root
     results.run_suite("digits")
-    (argv,) = calls
-    assert argv[argv.index("--out") + 1] == "docs/results/digits"
+    ((argv, where),) = calls
+    assert argv[argv.index("--out") + 1] == "docs/results/digits" and where == results.ROOT
+    assert Path.cwd() == tmp_path, "and returns to where it was called from"
     assert results.recorded_path(results.ROOT / "docs" / "results" / "rl" / "teachers" / "ppo") == "docs/results/rl/teachers/ppo"
     assert results.recorded_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere"), "a folder outside it stays absolute"
