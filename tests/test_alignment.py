@@ -26,22 +26,23 @@ STUDENT = dict(student="mlp", student_kwargs={"hidden": [6, 5]})
 
 def reference_cosines(handle, params, batch: torch.Tensor, val_indices: torch.Tensor) -> torch.Tensor:
     """cos(grad_head l_i, grad_head L_val) from one reverse-mode gradient per sample, written without
-    the package's closed forms."""
+    the package's closed forms. The losses come from one forward of the whole batch, so that a
+    BatchNorm student's per-sample gradients are those of the real step (the batch's statistics)."""
     head = ("head.weight", "head.bias")
     detached = {n: p.detach().requires_grad_(n in head) for n, p in params.items()}
     val_loss = handle.val_loss(detached, val_indices)
     val_grad = torch.cat([g.flatten() for g in torch.autograd.grad(val_loss, [detached[n] for n in head])])
+    losses = handle.per_sample_losses(detached, batch)
     cosines = []
-    for i in batch:
-        loss = handle.per_sample_losses(detached, i[None]).sum()
-        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [detached[n] for n in head])])
+    for loss in losses:
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [detached[n] for n in head], retain_graph=True)])
         cosines.append(F.cosine_similarity(grad, val_grad, dim=0))
     return torch.stack(cosines)
 
 
-def trained_env(steps: int = 30):
+def trained_env(steps: int = 30, student: dict = STUDENT):
     """A float64 env whose student took ``steps`` updates, so that its errors and the cosines are spread."""
-    env = make_tensor_env(**STUDENT, batch_size=16, dtype="float64", lr=0.1)
+    env = make_tensor_env(**student, batch_size=16, dtype="float64", lr=0.1)
     env.reset(seed=0)
     for _ in range(steps):
         env.step(torch.ones(16, dtype=torch.float64))
@@ -60,8 +61,9 @@ def recording_val_indices(handle, monkeypatch) -> list[torch.Tensor]:
     return drawn
 
 
-def test_alignment_is_the_cosine_of_per_sample_output_layer_gradients(monkeypatch):
-    env = trained_env()
+@pytest.mark.parametrize("student", [STUDENT, dict(student="resnet20", student_kwargs={"width": 4})], ids=["mlp", "batchnorm"])
+def test_alignment_is_the_cosine_of_per_sample_output_layer_gradients(monkeypatch, student):
+    env = trained_env(student=student)
     handle = env.unwrapped.handle
     teacher = MetaGradTeacher(seed=0, val_batch=32).attach(handle)
     drawn = recording_val_indices(handle, monkeypatch)
