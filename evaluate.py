@@ -35,6 +35,7 @@ from agents.base import AGENTS, CheckpointError, Teacher, agent_class, load_teac
 from agents.loop import Curve, WeightStats, start, teach
 from envs import env_factory
 from reporting import (
+    TUNING_CRITERIA,
     add_uniform_ratio,
     aggregate,
     curve_summary,
@@ -108,6 +109,12 @@ class EvalConfig(EnvSetting, StudentTraining):
         None, "tuning grid as YAML, e.g. '{lr: [0.02, 0.05, 0.1], teacher_lr: [0.001, 0.003, 0.01]}' (lr and teacher_lr)"
     )
     tune_seeds: int = field(2, "tuning seeds per candidate", low=1)
+    tune_by: str = field(
+        "best_val_acc",
+        "tuning criterion, on the held-out selection split: best_val_acc (its best accuracy over the run, for results "
+        "read at the best held-out accuracy) or final_val_acc (its accuracy at the end, for results read at the end)",
+        choices=list(TUNING_CRITERIA),
+    )
     tune_seed: int = field(1000, "first tuning seed (tuning seeds must not overlap the reported ones)", low=0)
     thresholds: str = field("0.5,0.6", "validation accuracies for steps-to-threshold (CSV/JSON), comma-separated")
     workers: int = field(1, "parallel worker processes over (setting, agent, seed) jobs (--backend processes)", low=1)
@@ -411,8 +418,8 @@ def tuning_jobs(cfg: EvalConfig) -> list[Job]:
 
 
 def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, tuple], list[dict[str, Any]]]:
-    """Per (setting, agent), the candidate with the best mean best-validation accuracy over the
-    tuning seeds (the first one on ties); and a table of the choices for the report."""
+    """Per (setting, agent), the candidate with the best mean of ``--tune-by`` (a held-out accuracy) over
+    the tuning seeds (the first one on ties); and a table of the choices for the report."""
     scores: dict[tuple, dict[tuple, list[float]]] = {}
     for r in results:
         row = r["row"]
@@ -420,7 +427,7 @@ def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, 
             {k: row[k] for k in GRID_KEYS} | {"student_kwargs": json.loads(row["student_kwargs"])}, sort_keys=True
         )
         candidate = (row["lr"], tuple(sorted(json.loads(row["options"]).items())))
-        scores.setdefault((setting, row["agent"]), {}).setdefault(candidate, []).append(row["best_val_acc"])
+        scores.setdefault((setting, row["agent"]), {}).setdefault(candidate, []).append(row[cfg.tune_by])
     chosen, table = {}, []
     for (setting, agent), by_candidate in scores.items():
         means = {c: summarise(v)["mean"] for c, v in by_candidate.items()}

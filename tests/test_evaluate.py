@@ -278,6 +278,23 @@ def test_tuning_chooses_by_validation_on_disjoint_seeds_and_is_reported(tmp_path
         _evaluate(tmp_path, "--agents", "uniform", "--tune", "{lr: [0.1]}", "--tune-seed", "0", name="overlap")
 
 
+def test_tuning_maximises_the_held_out_accuracy_the_reported_metric_reads():
+    """--tune-by best_val_acc picks the candidate whose held-out accuracy peaked highest, final_val_acc the
+    one that ended highest (a run that peaks early and then fits its noisy labels loses there)."""
+
+    def tuning_run(lr: float, seed: int, best: float, final: float) -> dict:
+        row = {"dataset": "digits", "student": "mlp", "noise": "symmetric", "noise_rate": 0.4, "student_kwargs": "null",
+               "agent": "uniform", "seed": seed, "lr": lr, "options": "{}", "best_val_acc": best, "final_val_acc": final}  # fmt: skip
+        return {"row": row}
+
+    runs = [tuning_run(0.03, 1000, 0.97, 0.80), tuning_run(0.03, 1001, 0.95, 0.84),  # peaks high, ends low
+            tuning_run(0.1, 1000, 0.94, 0.90), tuning_run(0.1, 1001, 0.93, 0.91)]  # fmt: skip
+    for criterion, lr, score in (("best_val_acc", 0.03, 0.96), ("final_val_acc", 0.1, 0.905)):
+        cfg = evaluate.parse_args(["--tune-by", criterion, *SMALL])
+        chosen, (table,) = evaluate.choose(cfg, runs)
+        assert list(chosen.values()) == [(lr, ())] and table["score"] == pytest.approx(score), criterion
+
+
 def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, monkeypatch):
     argv = ["--agents", "uniform,small_loss", "--seeds", "2"]
     whole = _evaluate(tmp_path, *argv, name="whole")

@@ -173,3 +173,33 @@ def test_runs_record_the_repositorys_folders_wherever_it_is_checked_out(monkeypa
     assert Path.cwd() == tmp_path, "and returns to where it was called from"
     assert results.recorded_path(results.ROOT / "docs" / "results" / "rl" / "teachers" / "ppo") == "docs/results/rl/teachers/ppo"
     assert results.recorded_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere"), "a folder outside it stays absolute"
+
+
+def test_a_final_tuned_suite_reruns_its_suite_under_the_final_criterion_and_shares_its_runs(monkeypatch, tmp_path):
+    calls, shared = [], []
+    monkeypatch.setattr(results.evaluate, "main", calls.append)
+    monkeypatch.setattr(results, "share_runs", lambda source, target: shared.append((source, target)))
+    results.run_suite("digits" + results.FINAL_TUNED)
+    ((argv,),) = [calls]
+    assert argv[argv.index("--suite") + 1].endswith("suites/results/digits.yaml")
+    assert (
+        argv[argv.index("--tune-by") + 1] == "final_val_acc"
+        and argv[argv.index("--out") + 1] == "docs/results/digits_final_tuned"
+    )
+    assert shared == [
+        (results.ROOT / "docs/results/digits/runs.jsonl", results.ROOT / "docs/results/digits_final_tuned/runs.jsonl")
+    ]
+
+
+def test_shared_runs_are_added_once_by_key(tmp_path):
+    source, target = tmp_path / "suite" / "runs.jsonl", tmp_path / "final" / "runs.jsonl"
+    results.share_runs(source, target)  # nothing to share yet
+    assert not target.exists()
+    source.parent.mkdir()
+    source.write_text("".join(json.dumps({"key": k, "row": {"n": i}}) + "\n" for i, k in enumerate("abc")))
+    target.parent.mkdir()
+    target.write_text(json.dumps({"key": "b", "row": {"n": 9}}) + "\n")
+    results.share_runs(source, target)
+    results.share_runs(source, target)  # again: nothing new
+    logged = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [(r["key"], r["row"]["n"]) for r in logged] == [("b", 9), ("a", 0), ("c", 2)], "its own run of b is kept"
