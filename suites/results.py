@@ -337,6 +337,27 @@ def reading(summary: list[dict]) -> list[str]:
     return lines
 
 
+def against_rivals(
+    runs: list[dict], agent: str = "meta_grad", rivals: tuple[str, ...] = ("l2rw", "mwnet", "small_loss")
+) -> list[str]:
+    """``agent`` against each other teacher of its setting, paired by seed, on final accuracy and at the best
+    held-out accuracy: the comparison the clean-data and uniform columns leave out."""
+    lines = []
+    settings = dict.fromkeys(setting_label(r) for r in runs if r["agent"] == agent)
+    for where in settings:
+        by_agent = {}
+        for r in runs:
+            if setting_label(r) == where:
+                by_agent.setdefault(r["agent"], []).append(r)
+        parts = []
+        for rival in (x for x in rivals if x in by_agent):
+            stats = [paired(by_agent[agent], by_agent[rival], metric) for metric in (FINAL, HEADLINE)]
+            parts.append(f"vs {rival} {fmt_paired(stats[0])} final, {fmt_paired(stats[1])} at the best held-out accuracy")
+        if parts:
+            lines.append(f"- **{agent}** on {where}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def oracle_gap(summary: list[dict]) -> list[str]:
     """Per setting and metric: how much of the uniform-to-oracle gap each method closes."""
     lines = []
@@ -451,7 +472,11 @@ def section(name: str, out: Path | None) -> list[str]:
     if name == "transfer":
         lines += [pretraining_options(results), ""]
     lines += ["### " + tables]
-    lines += ["### What the numbers say", "", *reading(summary), "", "Headroom (share of the uniform-to-oracle gap closed):", ""]
+    lines += ["### What the numbers say", "", *reading(summary), ""]
+    rivals = against_rivals(results["runs"])
+    if rivals:
+        lines += ["Against the other teachers (paired by seed):", "", *rivals, ""]
+    lines += ["Headroom (share of the uniform-to-oracle gap closed):", ""]
     lines += [*oracle_gap(summary), ""]
     finals = [
         f"{line['agent']} final {fmt(line['final_test_acc'], 100, 1)}" for line in summary if line["agent"] in CLEAN_BASELINES

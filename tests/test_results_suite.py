@@ -203,3 +203,16 @@ def test_shared_runs_are_added_once_by_key(tmp_path):
     results.share_runs(source, target)  # again: nothing new
     logged = [json.loads(line) for line in target.read_text().splitlines()]
     assert [(r["key"], r["row"]["n"]) for r in logged] == [("b", 9), ("a", 0), ("c", 2)], "its own run of b is kept"
+
+
+def test_meta_grad_is_compared_with_each_other_teacher_paired_by_seed():
+    def run(agent: str, seed: int, final: float, selected: float) -> dict:
+        return {"agent": agent, "seed": seed, "dataset": "digits", "student": "mlp", "noise": "symmetric", "noise_rate": 0.4,
+                "final_test_acc": final, "selected_test_acc": selected}  # fmt: skip
+
+    runs = [run("meta_grad", s, 0.90 + s / 100, 0.95) for s in range(3)]
+    runs += [run("l2rw", s, 0.85 + s / 100, 0.95 + (s - 1) / 100) for s in range(3)]  # 5 points behind on every seed
+    runs += [run("uniform", s, 0.5, 0.5) for s in range(3)]
+    (line,) = results.against_rivals(runs)
+    assert line.startswith("- **meta_grad** on digits/mlp/symmetric 0.4: vs l2rw +5.0 [+5.0, +5.0] (3/0/0) final, +0.0 [")
+    assert "(1/1/1) at the best held-out accuracy." in line and "uniform" not in line and "mwnet" not in line
