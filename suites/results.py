@@ -1,7 +1,7 @@
 """Regenerate docs/results.md: the honest benchmark on every offline setting, and the
 leave-one-setting-out transfer of a pre-trained teacher.
 
-    python suites/results.py                 # about 1.5 hours on 2 CPU cores; resumes if interrupted
+    python suites/results.py                 # about 3 hours from scratch on 2 CPU cores; resumes if interrupted
     python suites/results.py --only digits   # one suite (docs/results/<name>/)
 
 Each suite in suites/results/ runs through ``evaluate.py`` into docs/results/<suite>/ (report.md,
@@ -464,9 +464,9 @@ def section(name: str, out: Path | None) -> list[str]:
             f"held-out selection split of the same tuning seed (`--tune-by final_val_acc`): the accuracy its `final` "
             f"column reads. `{suite}` chooses by the *best* held-out accuracy over the run, which its `@ best val` column "
             f"reads. Same tuning runs and reported seeds; a run both choose is shared. This second protocol was added after "
-            f"`{suite}`'s results were seen: there `meta_grad`, tuned for its peak, ended below its own untuned defaults in "
-            f"the ablation suite on digits (88.5 / 89.8 final against 94.3 / 92.3, 2026-11-29). Read it as a second protocol decided "
-            f"with that knowledge, not as a replacement chosen blind.",
+            f"the first one's results were seen: tuned for its peak, `meta_grad` ended below its own untuned defaults on "
+            f"digits (final 88.5 / 89.8 in the digits suite against 94.3 / 92.3 in the ablation suite, 2026-11-29). Read it "
+            f"as a second protocol decided with that knowledge, not as a replacement chosen blind.",
             "",
         ]
     if name == "transfer":
