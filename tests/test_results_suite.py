@@ -196,13 +196,15 @@ def test_shared_runs_are_added_once_by_key(tmp_path):
     results.share_runs(source, target)  # nothing to share yet
     assert not target.exists()
     source.parent.mkdir()
-    source.write_text("".join(json.dumps({"key": k, "row": {"n": i}}) + "\n" for i, k in enumerate("abc")))
+    lines = [json.dumps({"key": k, "row": {"n": i}}) for i, k in enumerate("abc")]
+    source.write_text("\n".join(lines[:2] + ['{"key": "d", "ro'] + lines[2:]) + "\n")  # a line a crash cut short
     target.parent.mkdir()
-    target.write_text(json.dumps({"key": "b", "row": {"n": 9}}) + "\n")
+    target.write_text(json.dumps({"key": "b", "row": {"n": 9}}) + "\n" + '{"key": "e"')  # ends in a cut line
     results.share_runs(source, target)
     results.share_runs(source, target)  # again: nothing new
-    logged = [json.loads(line) for line in target.read_text().splitlines()]
-    assert [(r["key"], r["row"]["n"]) for r in logged] == [("b", 9), ("a", 0), ("c", 2)], "its own run of b is kept"
+    logged = results.read_finished(target)
+    assert {k: r["row"]["n"] for k, r in logged.items()} == {"b": 9, "a": 0, "c": 2}, "its own run of b is kept, d is skipped"
+    assert len(target.read_text().splitlines()) == 4, "the cut line stays on its own line"
 
 
 def test_meta_grad_is_compared_with_each_other_teacher_paired_by_seed():
