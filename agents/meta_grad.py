@@ -483,8 +483,9 @@ def head_validation_gradient(handle: StudentHandle, params: Params, val_indices:
 
 
 def output_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """softmax - one-hot: each sample's gradient of its cross-entropy with respect to its logits."""
-    return torch.softmax(logits, 1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    """softmax - one-hot: each sample's gradient of its cross-entropy with respect to its logits (one-hots
+    as rows of an identity: ``F.one_hot`` range-checks the labels, two reads back to the host on the CPU)."""
+    return torch.softmax(logits, 1) - torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)[labels]
 
 
 def head_gradient(logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> Params:
