@@ -419,7 +419,8 @@ def tuning_jobs(cfg: EvalConfig) -> list[Job]:
 
 def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, tuple], list[dict[str, Any]]]:
     """Per (setting, agent), the candidate with the best mean of ``--tune-by`` (a held-out accuracy) over
-    the tuning seeds (the first one on ties); and a table of the choices for the report."""
+    the tuning seeds (the first one on ties); and a table of the choices for the report, with the
+    runner-up's score, so that a choice made by a tie or a sample or two shows as one."""
     scores: dict[tuple, dict[tuple, list[float]]] = {}
     for r in results:
         row = r["row"]
@@ -431,12 +432,14 @@ def choose(cfg: EvalConfig, results: list[dict[str, Any]]) -> tuple[dict[tuple, 
     chosen, table = {}, []
     for (setting, agent), by_candidate in scores.items():
         means = {c: summarise(v)["mean"] for c, v in by_candidate.items()}
-        best = max(means, key=lambda c: np.nan_to_num(means[c], nan=-1.0))
+        ranked = sorted(means, key=lambda c: -np.nan_to_num(means[c], nan=-1.0))  # stable: the first one on ties
+        best = ranked[0]
         chosen[(setting, agent)] = best
         s = json.loads(setting)
         table.append({
             "setting": f"{s['dataset']}/{s['student']}/{s['noise']} {s['noise_rate']}", "agent": agent, "lr": best[0],
-            **dict(best[1]), "score": means[best], "candidates": len(by_candidate),
+            **dict(best[1]), "score": means[best], "runner_up": means[ranked[1]] if len(ranked) > 1 else None,
+            "candidates": len(by_candidate),
         })  # fmt: skip
     return chosen, table
 

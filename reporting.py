@@ -223,13 +223,14 @@ def write_report(
             "",
             f"Chosen per (setting, agent) by mean {criterion} on the tuning seeds (disjoint from the reported ones).",
             "",
-            f"| setting | agent | lr | teacher_lr | {criterion.replace('validation', 'val')} (tuning) | candidates |",
-            "|---|---|---|---|---|---|",
+            f"| setting | agent | lr | teacher_lr | {criterion.replace('validation', 'val')} (tuning) | runner-up | candidates |",
+            "|---|---|---|---|---|---|---|",
         ]
         for t in tuning:
+            runner_up = "-" if t.get("runner_up") is None else f"{100 * t['runner_up']:.1f}"
             lines.append(
                 f"| {t['setting']} | {t['agent']} | {t['lr']:g} | {t.get('teacher_lr', '-')} | "
-                f"{100 * t['score']:.1f} | {t['candidates']} |"
+                f"{100 * t['score']:.1f} | {runner_up} | {t['candidates']} |"
             )
         lines.append("")
     transfers = [line for line in table if line["trained_on"]]

@@ -293,6 +293,10 @@ def test_tuning_maximises_the_held_out_accuracy_the_reported_metric_reads():
         cfg = evaluate.parse_args(["--tune-by", criterion, *SMALL])
         chosen, (table,) = evaluate.choose(cfg, runs)
         assert list(chosen.values()) == [(lr, ())] and table["score"] == pytest.approx(score), criterion
+        assert table["runner_up"] == pytest.approx({"best_val_acc": 0.935, "final_val_acc": 0.82}[criterion])
+    tied = [tuning_run(0.1, 1000, 0.9, 0.9), tuning_run(0.03, 1000, 0.9, 0.9)]
+    chosen, (table,) = evaluate.choose(evaluate.parse_args(SMALL), tied)
+    assert list(chosen.values()) == [(0.1, ())] and table["runner_up"] == table["score"], "a tie goes to the first candidate"
 
 
 def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, monkeypatch):
