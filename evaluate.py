@@ -250,9 +250,7 @@ class Job:
             **training, "steps": cfg.steps, "thresholds": cfg.thresholds, "device": cfg.device, "threads": cfg.threads,
             "online": cfg.online, "agent_options": (cfg.agent_options or {}).get(self.agent),
             "teacher": self.teacher_digest, "select_fraction": cfg.select_fraction,
-            "resolved": None
-            if self.teacher_path
-            else without_legacy_values(self.agent_name, resolved_options(self.agent_name, self.agent_options)),
+            "resolved": None if self.teacher_path else recorded_options(self.agent_name, self.agent_options),
         }  # fmt: skip
         fields = [self.stage, self.setting, self.agent, self.seed, self.lr, dict(self.options), context]
         return json.dumps(fields, sort_keys=True, default=str)  # already what canonical_key makes of it
@@ -296,6 +294,12 @@ def without_legacy_values(agent: str, resolved: dict[str, Any]) -> dict[str, Any
     (``Teacher.legacy_options``): a run recorded then and one recorded now with that value did the same."""
     legacy = agent_class(agent).legacy_options
     return {name: value for name, value in resolved.items() if name not in legacy or legacy[name] != value}
+
+
+def recorded_options(agent: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What a run key or a pre-training digest holds of ``agent``'s options: all of them resolved, less
+    those at their legacy value."""
+    return without_legacy_values(agent, resolved_options(agent, options))
 
 
 def canonical_key(key: str) -> str:
@@ -504,7 +508,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
         others = [s for s in cfg.settings if s != setting]
         options = cfg.held_out_options(setting_label(setting))
         flags = as_flags(student) + as_flags(options)
-        resolved = without_legacy_values(cfg.leave_one_out, resolved_options(cfg.leave_one_out, options))
+        resolved = recorded_options(cfg.leave_one_out, options)
         folder = f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         for k in range(cfg.pretrain_seeds):
             argv = [
@@ -616,9 +620,8 @@ def benchmark(cfg: EvalConfig, sweep: Sweep, out: Path, tuning: list[Job]) -> li
     finished = sweep.run(jobs, run_job, out, "students", cfg.progress, canonical_key)
     results = [finished[job.key] for job in jobs if job.key in finished]
     failures = failed_jobs(out, [job for job in tuning + jobs if job.key not in finished])
-    for job in jobs:  # a reused run was found by its teacher's content: it names where that teacher is now
-        if job.key in finished:
-            finished[job.key]["row"]["teacher_path"] = job.teacher_path or ""
+    for job, result in zip((job for job in jobs if job.key in finished), results):
+        result["row"]["teacher_path"] = job.teacher_path or ""  # a reused run names where its teacher is now
     rows = [r["row"] for r in results]
     add_uniform_ratio(rows)
     table = aggregate(rows)

@@ -90,7 +90,7 @@ class ObservationBuilder:
         self.widths: list[int] = []  # the true width of each layer's centroids
         self.train_loss = torch.tensor(math.log(num_classes), device=device)
         self.train_acc = torch.tensor(1.0 / num_classes, device=device)
-        self.one_hot = torch.eye(num_classes, device=device)  # row c: class c's one-hot (indexing it needs no range check)
+        self.one_hot = torch.eye(num_classes, device=device, dtype=torch.float32)  # row c: class c's one-hot (no range check)
 
     def state_dict(self) -> dict:
         centroids = [c[:, :w].cpu() for c, w in zip(self.centroids, self.widths)] if self.centroids is not None else []
@@ -138,7 +138,7 @@ class ObservationBuilder:
         norm = h.norm(dim=2)
         log_norm = torch.log(norm + 1e-8)
         unit = h / (norm[..., None] + 1e-8)
-        one_hot = self.one_hot.to(unit.dtype)[labels]
+        one_hot = self.one_hot[labels]
         counts = one_hot.sum(0)
         centroids = self._update_centroids(unit, one_hot, counts, [x.shape[1] for x in layers])
         cos = unit @ F.normalize(centroids, dim=2, eps=1e-8).transpose(1, 2)  # (2, batch, K)

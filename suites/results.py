@@ -295,14 +295,7 @@ def _run_suite(name: str) -> Path | None:
         run_transfer_tuning(out)
         return out
     suite = name.removesuffix(FINAL_TUNED)
-    argv = [
-        "--suite",
-        str(ROOT / "suites" / "results" / f"{suite}.yaml"),
-        "--out",
-        recorded_path(out),
-        "--resume",
-        "--no-progress",
-    ]
+    argv = ["--suite", str(ROOT / "suites" / "results" / f"{suite}.yaml"), "--out", recorded_path(out), "--resume", "--no-progress"]  # fmt: skip
     if suite.rpartition("_")[2] == "mnist":  # real MNIST, from ../shared/data
         if not (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
             return None
@@ -343,13 +336,13 @@ def against_rivals(
 ) -> list[str]:
     """``agent`` against each other teacher of its setting, paired by seed, on final accuracy and at the best
     held-out accuracy: the comparison the clean-data and uniform columns leave out."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        groups.setdefault(setting_label(r), {}).setdefault(r["agent"], []).append(r)
     lines = []
-    settings = dict.fromkeys(setting_label(r) for r in runs if r["agent"] == agent)
-    for where in settings:
-        by_agent = {}
-        for r in runs:
-            if setting_label(r) == where:
-                by_agent.setdefault(r["agent"], []).append(r)
+    for where, by_agent in groups.items():
+        if agent not in by_agent:
+            continue
         parts = []
         for rival in (x for x in rivals if x in by_agent):
             stats = [paired(by_agent[agent], by_agent[rival], metric) for metric in (FINAL, HEADLINE)]
@@ -516,9 +509,7 @@ def meta_grad_finals(name: str, dataset: str) -> list[str]:
     """meta_grad's mean final test accuracy on each setting of ``dataset`` in a suite's committed results."""
     path = ROOT / "docs" / "results" / name / "results.json"
     summary = json.loads(path.read_text())["summary"] if path.exists() else []
-    return [
-        fmt(line[FINAL], 100, 1).split(" ")[0] for line in summary if line["agent"] == "meta_grad" and line["dataset"] == dataset
-    ]
+    return [f"{100 * line[FINAL]['mean']:.1f}" for line in summary if line["agent"] == "meta_grad" and line["dataset"] == dataset]
 
 
 def final_tuned_disclosure() -> list[str]:
