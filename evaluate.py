@@ -507,22 +507,22 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     for i, setting in enumerate(cfg.settings):
         others = [s for s in cfg.settings if s != setting]
         options = cfg.held_out_options(setting_label(setting))
-        flags = as_flags(student) + as_flags(options)
         resolved = recorded_options(cfg.leave_one_out, options)
         folder = f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         for k in range(cfg.pretrain_seeds):
             argv = [
                 "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
                 "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * episodes), "--device", cfg.device,
-                "--threads", str(cfg.threads), "--no-progress", *flags,
+                "--threads", str(cfg.threads), "--no-progress", *as_flags(student),
             ]  # fmt: skip
-            # another pre-training, or one under other defaults, never reuses this one (where its data is
-            # read from is not part of it: the same pre-training from another checkout is the same one)
+            # another pre-training, or one under other defaults, never reuses this one; the agent's options
+            # count as resolved, so one written out at the value it resolves to is the same pre-training; where
+            # its data is read from is not part of it (the same pre-training from another checkout is the same one)
             digest = hashlib.sha256(json.dumps([argv, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
             run = out / "pretrained" / f"{folder}-{digest}"
             if not (run / "summary.json").exists():
                 shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
-                train_teacher.main([*argv, *data, "--out", str(run)])
+                train_teacher.main([*argv, *as_flags(options), *data, "--out", str(run)])
             name = f"{cfg.leave_one_out}@held-out" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
             paths.setdefault(json.dumps(setting, sort_keys=True), {})[name] = str(run)
     return paths

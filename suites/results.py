@@ -115,14 +115,20 @@ def candidate_label(options: dict[str, Any]) -> str:
     return ", ".join(f"{key} {_option_text(value)}" for key, value in options.items())
 
 
+def shared_options(suite: Path | None = None) -> dict[str, Any]:
+    """The transfer suite's meta_grad options for every pre-training, which every candidate of the search shares."""
+    return (yaml.safe_load((suite or TRANSFER_SUITE).read_text()).get("agent_options") or {}).get("meta_grad") or {}
+
+
 def transfer_tuning_argv(options: dict[str, Any], out: Path) -> list[str]:
     """evaluate.py's arguments for one candidate's tuning runs: the transfer suite with meta_grad's
-    pre-training options replaced by ``options`` as a whole for every held-out setting (what the candidate
-    leaves out is meta_grad's default, not transfer.yaml's choice), on tuning students and pre-training seeds."""
+    per-setting pre-training options replaced by ``options`` for every held-out setting (over transfer.yaml's
+    meta_grad options, which every candidate shares; what neither sets is meta_grad's default, not
+    transfer.yaml's per-setting choice), on tuning students and pre-training seeds."""
     return [
         "--suite", str(TRANSFER_SUITE), "--agents", "uniform", "--pretrain-seeds", "2",
         "--seed", str(TRANSFER_TUNING_SEED), "--pretrain-seed", str(TRANSFER_TUNING_PRETRAIN_SEED),
-        "--agent-options", json.dumps({"meta_grad": options}), "--pretrain-options", "{}",
+        "--agent-options", json.dumps({"meta_grad": {**shared_options(), **options}}), "--pretrain-options", "{}",
         "--out", recorded_path(out / candidate_folder(options)), "--resume", "--no-progress",
     ]  # fmt: skip
 
@@ -240,7 +246,9 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
     lines += ["", "Chosen per held-out setting, from the other settings' tuning runs (never its own students):", ""]
     for label, search in held_out_search(out).items():
         options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
-        used, wanted = (evaluate.resolved_options("meta_grad", o) for o in (options, search["choice"]))
+        used, wanted = (
+            evaluate.resolved_options("meta_grad", o) for o in (options, {**shared_options(suite), **search["choice"]})
+        )
         differing = {key: value for key, value in used.items() if value != wanted[key]}
         verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
         criterion = np.sort(search["criterion"])[::-1]

@@ -77,7 +77,7 @@ def test_alignment_is_the_cosine_of_per_sample_output_layer_gradients(monkeypatc
 def test_a_b1_meta_step_hands_its_validation_gradient_to_the_next_action_and_only_there(monkeypatch):
     env = trained_env()
     handle = env.unwrapped.handle
-    teacher = MetaGradTeacher(seed=0, val_batch=32).train().attach(handle)
+    teacher = MetaGradTeacher(unroll=1, seed=0, val_batch=32).train().attach(handle)
     teacher.net.double()
     obs, _ = env.reset(seed=1)
     obs, *_ = env.step(torch.ones(16, dtype=torch.float64))

@@ -482,3 +482,32 @@ def test_a_pre_training_from_another_data_folder_is_the_same_pre_training(tmp_pa
         folders.append([Path(path).name for by_label in runs.values() for path in by_label.values()])
     assert folders[0] == folders[1] and len(folders[0]) == 2
     assert [a[a.index("--data-root") + 1] for a in handed] == ["/one/checkout/data"] * 2 + ["/another/checkout/data"] * 2
+
+
+def test_an_option_written_out_at_its_resolved_value_is_the_same_pre_training(tmp_path, monkeypatch):
+    """The pre-training's digest holds the agent's options resolved, not the flags that set them: an
+    option written out at the value it resolves to reuses the pre-training (the pre-training is still
+    handed the flag), and another value makes another one."""
+    handed = []
+
+    def pre_train(argv):  # records what the pre-training is handed, and finishes at once
+        handed.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(train_teacher, "main", pre_train)
+    grid = json.dumps([{"noise": "symmetric"}, {"noise": "pairflip"}])
+    default_unroll = evaluate.resolved_options("meta_grad", {})["unroll"]
+    folders = []
+    for options in ({}, {"meta_grad": {"unroll": default_unroll}}, {"meta_grad": {"unroll": default_unroll + 1}}):
+        cfg = evaluate.parse_args(
+            ["--grid", grid, "--leave-one-out", "meta_grad", "--agent-options", json.dumps(options), *SMALL]
+        )
+        runs = evaluate.pretrain_held_out(cfg, tmp_path)
+        folders.append(sorted(Path(path).name for by_label in runs.values() for path in by_label.values()))
+    assert folders[0] == folders[1] and len(folders[0]) == 2
+    assert not set(folders[2]) & set(folders[0])
+    assert len(handed) == 4, "the written-out default reused both pre-trainings; the other value made two more"
+    assert all("--unroll" not in argv for argv in handed[:2])
+    assert all(argv[argv.index("--unroll") + 1] == str(default_unroll + 1) for argv in handed[2:])

@@ -44,7 +44,8 @@ def _best_val(options: dict, dataset: str) -> float:
 
 def _fake_tuning_runs(argv: list[str]) -> None:
     """Stands in for evaluate.main on transfer_tuning_argv: writes the candidate's results.json."""
-    options = json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"]
+    shared = results.shared_options()
+    options = {k: v for k, v in json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"].items() if k not in shared}
     out = Path(argv[argv.index("--out") + 1])
     index = len(list(out.parent.iterdir())) if out.parent.exists() else 0  # the order the candidates ran in
     runs = []
@@ -68,7 +69,8 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         *results.teacher_lr_step(DECAY_B)[1:],  # held out digits chose B (on mnist1d alone)
     ]
     ran = [json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"] for argv in calls]
-    assert ran == expected, "the decays, then teacher_lr at the decays chosen and no other"
+    shared = results.shared_options()  # transfer.yaml's options for every pre-training, under each candidate's
+    assert ran == [{**shared, **options} for options in expected], "the decays, then teacher_lr at the decays chosen and no other"
     assert results.transfer_candidates(tmp_path) == expected
     assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR, DIGITS: DECAY_B}
 
@@ -92,19 +94,24 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1** (criterion 80.0, the next 70.0 on this coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
-    suite.write_text(yaml.safe_dump({"agent_options": {"meta_grad": {"hidden": 32}}, "pretrain_options": {MNIST1D: A_LR}}))
+    # options shared by every pre-training are the candidates' too; a per-setting entry that differs is named
+    shared = {"agent_options": {"meta_grad": {"hidden": 32}}}
+    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: {**A_LR, "val_batch": 64}}}))
     text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
     assert (
-        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0 on this coordinate); `suites/results/transfer.yaml` uses hidden 32 instead."
+        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0 on this coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
         in text
     )
-    assert "`suites/results/transfer.yaml` uses hidden 32, meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
+    assert "`suites/results/transfer.yaml` uses meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
+    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: A_LR, DIGITS: DECAY_B}}))
+    assert "\n".join(results.transfer_tuning_table(tmp_path, suite)).count("`suites/results/transfer.yaml` uses it.") == 2
 
 
-def test_a_candidate_replaces_transfer_yamls_pre_training_options_as_a_whole(tmp_path, monkeypatch):
-    """Each candidate's runs replace transfer.yaml's meta_grad pre-training options, for every held-out
-    setting, as a whole: a decay-only candidate runs at meta_grad's default teacher_lr even where transfer.yaml
-    sets another (here a copy of it that sets teacher_lr and hidden everywhere)."""
+def test_a_candidate_replaces_transfer_yamls_per_setting_options_as_a_whole_over_its_shared_ones(tmp_path, monkeypatch):
+    """Each candidate's runs replace transfer.yaml's per-setting meta_grad pre-training options, for every
+    held-out setting, as a whole, over the options it gives every pre-training: a decay-only candidate runs at
+    the shared teacher_lr even where transfer.yaml sets another for the setting (here a copy of it that shares
+    teacher_lr and hidden, and sets another teacher_lr per setting)."""
     config = yaml.safe_load(results.TRANSFER_SUITE.read_text())
     config["agent_options"] = {"meta_grad": {"hidden": 32, "teacher_lr": 0.002}}
     config["pretrain_options"] = {
@@ -113,13 +120,12 @@ def test_a_candidate_replaces_transfer_yamls_pre_training_options_as_a_whole(tmp
     suite = tmp_path / "transfer.yaml"
     suite.write_text(yaml.safe_dump(config))
     monkeypatch.setattr(results, "TRANSFER_SUITE", suite)
-    default_lr = results.evaluate.resolved_options("meta_grad", {})["teacher_lr"]
     for options in [*results.decay_candidates(), *results.teacher_lr_step({"meta_weight_decay": 0.3})]:
         cfg = results.evaluate.parse_args(results.transfer_tuning_argv(options, Path("out")))
         for setting in cfg.settings:
             held_out = cfg.held_out_options(results.setting_label(setting))
-            assert held_out == options
-            assert results.evaluate.resolved_options("meta_grad", held_out)["teacher_lr"] == options.get("teacher_lr", default_lr)
+            assert held_out == {"hidden": 32, "teacher_lr": 0.002, **options}
+            assert results.evaluate.resolved_options("meta_grad", held_out)["teacher_lr"] == options.get("teacher_lr", 0.002)
         assert (cfg.seed, cfg.pretrain_seed, cfg.agents) == (
             results.TRANSFER_TUNING_SEED,
             results.TRANSFER_TUNING_PRETRAIN_SEED,
