@@ -40,9 +40,15 @@ SUITES = (
 FINAL_TUNED = "_final_tuned"
 # meta_grad options of the transfer suite's pre-trainings, chosen on tuning seeds for each held-out setting from
 # the other settings' tuning runs alone, by a coordinate search: meta_weight_decay at meta_grad's default teacher_lr
-# (1e-4 is its default decay), then teacher_lr at the decay chosen
-TRANSFER_DECAYS = (1e-4, 0.03, 0.1, 0.3, 1.0, 3.0)
-TRANSFER_TEACHER_LRS = (0.003, 0.001)
+# (1e-4 is its default decay), then teacher_lr at the decay chosen, then B (unroll) at both choices: each coordinate
+# tries its values against the choice so far, which its other options keep (the first against nothing: its values
+# include the default). The search ran at B = 1 (transfer.yaml's shared option) before meta_grad's default became
+# B = 5; the last coordinate gives B = 5 the same chance, not a nested re-run of the others
+TRANSFER_SEARCH = (
+    ("meta_weight_decay", (1e-4, 0.03, 0.1, 0.3, 1.0, 3.0)),
+    ("teacher_lr", (0.003, 0.001)),
+    ("unroll", (5,)),
+)
 TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
@@ -133,14 +139,13 @@ def transfer_tuning_argv(options: dict[str, Any], out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def decay_candidates() -> list[dict[str, Any]]:
-    """The search's first coordinate: the teacher's weight decay at meta_grad's default teacher_lr."""
-    return [{"meta_weight_decay": decay} for decay in TRANSFER_DECAYS]
-
-
-def teacher_lr_step(decay: dict[str, Any]) -> list[dict[str, Any]]:
-    """The search's second coordinate at a chosen decay: that decay at the default teacher_lr, then at the others."""
-    return [decay, *({**decay, "teacher_lr": lr} for lr in TRANSFER_TEACHER_LRS)]
+def coordinate_candidates(coordinate: int, choice: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The candidates of the search's ``coordinate`` (an index into ``TRANSFER_SEARCH``): the first one's values
+    alone; a later one's, the ``choice`` so far, then that choice with each of the coordinate's values."""
+    key, values = TRANSFER_SEARCH[coordinate]
+    if coordinate == 0:
+        return [{key: value} for value in values]
+    return [choice, *({**choice, key: value} for value in values)]
 
 
 def candidate_runs(out: Path, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -175,51 +180,51 @@ def best_without(candidates: list[dict[str, Any]], scores: list[dict[str, float]
     return candidates[int(np.argmax(criterion_without(scores, held_out)))]
 
 
-def chosen_decays(out: Path) -> dict[str, dict[str, Any]]:
-    """Per held-out setting, the decay candidate the other settings' tuning runs choose."""
-    decays = decay_candidates()
-    scores = tuning_scores(out, decays)
-    return {label: best_without(decays, scores, label) for label in scores[0]}
-
-
-def transfer_candidates(out: Path) -> list[dict[str, Any]]:
-    """Every candidate the search runs: the decays, then teacher_lr at each decay some held-out setting chose
-    (needs the decays' tuning runs in ``out``)."""
-    candidates = decay_candidates()
-    for decay in chosen_decays(out).values():
-        candidates += [options for options in teacher_lr_step(decay) if options not in candidates]
-    return candidates
-
-
-def held_out_search(out: Path) -> dict[str, dict[str, Any]]:
-    """Per held-out setting, the search on the other settings' tuning runs: the ``decay`` chosen, then the
-    ``choice`` at that decay and the ``criterion`` of each of its teacher_lr candidates."""
+def held_out_search(out: Path, depth: int = len(TRANSFER_SEARCH)) -> dict[str, list[dict[str, Any]]]:
+    """Per held-out setting, the search's first ``depth`` coordinates on the other settings' tuning runs (which
+    must be in ``out``): per coordinate, its ``candidates``, their ``criterion`` and the ``choice``."""
     search = {}
-    for label, decay in chosen_decays(out).items():
-        step = teacher_lr_step(decay)
-        scores = tuning_scores(out, step)
-        search[label] = {
-            "decay": decay,
-            "choice": best_without(step, scores, label),
-            "criterion": criterion_without(scores, label),
-        }
+    for label in tuning_scores(out, coordinate_candidates(0))[0]:
+        steps: list[dict[str, Any]] = []
+        for coordinate in range(depth):
+            candidates = coordinate_candidates(coordinate, steps[-1]["choice"] if steps else None)
+            scores = tuning_scores(out, candidates)
+            steps.append(
+                {
+                    "candidates": candidates,
+                    "criterion": criterion_without(scores, label),
+                    "choice": best_without(candidates, scores, label),
+                }
+            )
+        search[label] = steps
     return search
+
+
+def transfer_candidates(out: Path, depth: int = len(TRANSFER_SEARCH)) -> list[dict[str, Any]]:
+    """Every candidate the search's first ``depth`` coordinates run, each once, coordinate by coordinate (needs
+    the tuning runs of the coordinates before the last in ``out``)."""
+    candidates = coordinate_candidates(0)
+    for coordinate in range(1, depth):
+        for steps in held_out_search(out, coordinate).values():
+            candidates += [c for c in coordinate_candidates(coordinate, steps[-1]["choice"]) if c not in candidates]
+    return candidates
 
 
 def transfer_choice(out: Path) -> dict[str, dict[str, Any]]:
     """Per held-out setting, the pre-training options the search chooses from the other settings' tuning runs."""
-    return {label: search["choice"] for label, search in held_out_search(out).items()}
+    return {label: steps[-1]["choice"] for label, steps in held_out_search(out).items()}
 
 
 def run_transfer_tuning(out: Path) -> None:
     """The transfer suite once per candidate of the search, two pre-trainings per held-out setting on seeds of
     their own, on tuning students (seeds ``TRANSFER_TUNING_SEED`` + 0..4): neither the teachers nor the students
     are reported. The transfer suite pre-trains, per held-out setting, with the options ``transfer_choice`` gives."""
-    for options in decay_candidates():
-        evaluate.main(transfer_tuning_argv(options, out))
-    for options in transfer_candidates(out):
-        if options not in decay_candidates():
-            evaluate.main(transfer_tuning_argv(options, out))
+    ran: list[dict[str, Any]] = []
+    for depth in range(1, len(TRANSFER_SEARCH) + 1):  # a coordinate's candidates follow from the runs before it
+        for options in transfer_candidates(out, depth):
+            if options not in ran:
+                evaluate.main(transfer_tuning_argv(options, out))
+                ran.append(options)
 
 
 def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
@@ -244,17 +249,18 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
         lines.append(f"| {candidate_label(options)} | " + " | ".join(cells) + " |")
     config = yaml.safe_load(suite.read_text())
     lines += ["", "Chosen per held-out setting, from the other settings' tuning runs (never its own students):", ""]
-    for label, search in held_out_search(out).items():
+    for label, steps in held_out_search(out).items():
         options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
         used, wanted = (
-            evaluate.resolved_options("meta_grad", o) for o in (options, {**shared_options(suite), **search["choice"]})
+            evaluate.resolved_options("meta_grad", o) for o in (options, {**shared_options(suite), **steps[-1]["choice"]})
         )
         differing = {key: value for key, value in used.items() if value != wanted[key]}
         verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
-        criterion = np.sort(search["criterion"])[::-1]
+        criterion = np.sort(steps[-1]["criterion"])[::-1]
+        path = [f"{candidate_label(step['choice'])} (by {key})" for step, (key, _) in zip(steps[:-1], TRANSFER_SEARCH)]
         lines.append(
-            f"- held out {label}: {candidate_label(search['decay'])} (first coordinate), then "
-            f"**{candidate_label(search['choice'])}** (criterion {100 * criterion[0]:.1f}, the next "
+            f"- held out {label}: {', then '.join(path)}, then **{candidate_label(steps[-1]['choice'])}** "
+            f"(by {TRANSFER_SEARCH[len(steps) - 1][0]}; criterion {100 * criterion[0]:.1f}, the next "
             f"{100 * criterion[1]:.1f} on this coordinate); `suites/results/transfer.yaml` {verdict}."
         )
     return [
@@ -427,7 +433,9 @@ def section(name: str, out: Path | None) -> list[str]:
             f"are not reported, with pre-trainings of their own (seeds {TRANSFER_TUNING_PRETRAIN_SEED} on, not the "
             "reported teachers); criterion: the best held-out accuracy, as `--tune` uses by default (`--tune-by best_val_acc`). Each held-out setting gets "
             "its pre-training options from the other settings' tuning runs, by a coordinate search: `meta_weight_decay` at "
-            "meta_grad's default teacher_lr, then `teacher_lr` at the decay chosen. Its own students never take part; its "
+            "meta_grad's default teacher_lr, then `teacher_lr` at the decay chosen, then `unroll` (B = 5 against the B = 1 "
+            "the first two coordinates ran at, shared by every pre-training in `suites/results/transfer.yaml`; added when "
+            "meta_grad's default became B = 5, after the first two). Its own students never take part; its "
             "data (noisy training set and clean split) does, in the pre-trainings behind the other settings' scores (a fully nested search would "
             "pre-train without both settings). The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
             "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "

@@ -22,13 +22,18 @@ def _row(agent: str, dataset: str, seed: int, final: float, best_val: float) -> 
 
 DECAY_A, DECAY_B = {"meta_weight_decay": 0.3}, {"meta_weight_decay": 1.0}
 A_LR = {**DECAY_A, "teacher_lr": 0.001}
+A_LR_B5 = {**A_LR, "unroll": 5}
 MNIST1D, DIGITS = "mnist1d/mlp/symmetric 0.4", "digits/mlp/symmetric 0.4"
 
 
 def _best_val(options: dict, dataset: str) -> float:
     """Tuning scores where held out mnist1d (judged on digits alone) chooses decay A, then teacher_lr 0.001,
-    and held out digits (judged on mnist1d alone) chooses decay B at the default teacher_lr. The decoys win
-    only if a setting's own runs, or another decay's second coordinate, took part."""
+    then B = 5, and held out digits (judged on mnist1d alone) chooses decay B at the default teacher_lr and B.
+    The decoys win only if a setting's own runs, or another decay's later coordinates, took part."""
+    if options == A_LR_B5:
+        return {"digits": 0.97, "mnist1d": 0.5}[dataset]
+    if options == {**DECAY_B, "unroll": 5}:
+        return {"digits": 0.99, "mnist1d": 0.6}[dataset]  # decoy: its own runs, for held out digits
     if options == A_LR:
         return {"digits": 0.95, "mnist1d": 0.5}[dataset]
     if options == {**DECAY_A, "teacher_lr": 0.003}:
@@ -45,7 +50,7 @@ def _best_val(options: dict, dataset: str) -> float:
 def _fake_tuning_runs(argv: list[str]) -> None:
     """Stands in for evaluate.main on transfer_tuning_argv: writes the candidate's results.json."""
     shared = results.shared_options()
-    options = {k: v for k, v in json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"].items() if k not in shared}
+    options = {k: v for k, v in json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"].items() if shared.get(k) != v}
     out = Path(argv[argv.index("--out") + 1])
     index = len(list(out.parent.iterdir())) if out.parent.exists() else 0  # the order the candidates ran in
     runs = []
@@ -64,18 +69,20 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
     monkeypatch.setattr(results.evaluate, "main", lambda argv: calls.append(argv) or _fake_tuning_runs(argv))
     results.run_transfer_tuning(tmp_path)
     expected = [
-        *results.decay_candidates(),
-        *results.teacher_lr_step(DECAY_A)[1:],  # held out mnist1d chose A (on digits alone)
-        *results.teacher_lr_step(DECAY_B)[1:],  # held out digits chose B (on mnist1d alone)
+        *results.coordinate_candidates(0),
+        *results.coordinate_candidates(1, DECAY_A)[1:],  # held out mnist1d chose A (on digits alone)
+        *results.coordinate_candidates(1, DECAY_B)[1:],  # held out digits chose B (on mnist1d alone)
+        *results.coordinate_candidates(2, A_LR)[1:],  # then teacher_lr 0.001
+        *results.coordinate_candidates(2, DECAY_B)[1:],  # and the default teacher_lr
     ]
     ran = [json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"] for argv in calls]
     shared = results.shared_options()  # transfer.yaml's options for every pre-training, under each candidate's
     assert ran == [{**shared, **options} for options in expected], "the decays, then teacher_lr at the decays chosen and no other"
     assert results.transfer_candidates(tmp_path) == expected
-    assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR, DIGITS: DECAY_B}
+    assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR_B5, DIGITS: DECAY_B}
 
     suite = tmp_path / "transfer.yaml"
-    suite.write_text(yaml.safe_dump({"pretrain_options": {MNIST1D: A_LR, DIGITS: DECAY_B}}))
+    suite.write_text(yaml.safe_dump({"pretrain_options": {MNIST1D: A_LR_B5, DIGITS: DECAY_B}}))
     lines = results.transfer_tuning_table(tmp_path, suite)
     rows = lines[2 : 2 + len(expected)]
     for i, (row, options) in enumerate(zip(rows, expected)):
@@ -87,23 +94,23 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         ], row
     text = "\n".join(lines)
     assert (
-        f"- held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0 on this coordinate); `suites/results/transfer.yaml` uses it."
+        f"- held out {MNIST1D}: meta_weight_decay 0.3 (by meta_weight_decay), then meta_weight_decay 0.3, teacher_lr 0.001 (by teacher_lr), then **meta_weight_decay 0.3, teacher_lr 0.001, unroll 5** (by unroll; criterion 97.0, the next 95.0 on this coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     assert (
-        f"- held out {DIGITS}: meta_weight_decay 1 (first coordinate), then **meta_weight_decay 1** (criterion 80.0, the next 70.0 on this coordinate); `suites/results/transfer.yaml` uses it."
+        f"- held out {DIGITS}: meta_weight_decay 1 (by meta_weight_decay), then meta_weight_decay 1 (by teacher_lr), then **meta_weight_decay 1** (by unroll; criterion 80.0, the next 60.0 on this coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     # options shared by every pre-training are the candidates' too; a per-setting entry that differs is named
     shared = {"agent_options": {"meta_grad": {"hidden": 32}}}
-    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: {**A_LR, "val_batch": 64}}}))
+    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: {**A_LR_B5, "val_batch": 64}}}))
     text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
     assert (
-        f"held out {MNIST1D}: meta_weight_decay 0.3 (first coordinate), then **meta_weight_decay 0.3, teacher_lr 0.001** (criterion 95.0, the next 90.0 on this coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
+        "(by unroll; criterion 97.0, the next 95.0 on this coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
         in text
     )
     assert "`suites/results/transfer.yaml` uses meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
-    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: A_LR, DIGITS: DECAY_B}}))
+    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: A_LR_B5, DIGITS: DECAY_B}}))
     assert "\n".join(results.transfer_tuning_table(tmp_path, suite)).count("`suites/results/transfer.yaml` uses it.") == 2
 
 
@@ -120,7 +127,11 @@ def test_a_candidate_replaces_transfer_yamls_per_setting_options_as_a_whole_over
     suite = tmp_path / "transfer.yaml"
     suite.write_text(yaml.safe_dump(config))
     monkeypatch.setattr(results, "TRANSFER_SUITE", suite)
-    for options in [*results.decay_candidates(), *results.teacher_lr_step({"meta_weight_decay": 0.3})]:
+    for options in [
+        *results.coordinate_candidates(0),
+        *results.coordinate_candidates(1, DECAY_A),
+        *results.coordinate_candidates(2, A_LR),
+    ]:
         cfg = results.evaluate.parse_args(results.transfer_tuning_argv(options, Path("out")))
         for setting in cfg.settings:
             held_out = cfg.held_out_options(results.setting_label(setting))
@@ -134,13 +145,21 @@ def test_a_candidate_replaces_transfer_yamls_per_setting_options_as_a_whole_over
     assert results.candidate_folder({"meta_weight_decay": 0.3}) == "decay-0.3"  # the folders of earlier tuning runs
 
 
-def test_settings_that_choose_one_decay_share_its_second_coordinate_and_ties_go_to_the_first(monkeypatch):
-    monkeypatch.setattr(results, "chosen_decays", lambda out: {MNIST1D: DECAY_A, DIGITS: DECAY_A, "other": DECAY_B})
+def test_settings_that_choose_alike_share_the_next_coordinate_and_ties_go_to_the_first(monkeypatch):
+    choices = {MNIST1D: [DECAY_A, A_LR], DIGITS: [DECAY_A, DECAY_A], "other": [DECAY_B, DECAY_B]}
+    monkeypatch.setattr(
+        results,
+        "held_out_search",
+        lambda out, depth: {label: [{"choice": choice} for choice in chosen[:depth]] for label, chosen in choices.items()},
+    )
     assert results.transfer_candidates(Path("unused")) == [
-        *results.decay_candidates(),
-        *results.teacher_lr_step(DECAY_A)[1:],
-        *results.teacher_lr_step(DECAY_B)[1:],
-    ], "each decay's teacher_lr candidates once, in the order chosen"
+        *results.coordinate_candidates(0),
+        *results.coordinate_candidates(1, DECAY_A)[1:],
+        *results.coordinate_candidates(1, DECAY_B)[1:],
+        *results.coordinate_candidates(2, A_LR)[1:],
+        *results.coordinate_candidates(2, DECAY_A)[1:],
+        *results.coordinate_candidates(2, DECAY_B)[1:],
+    ], "each choice's next candidates once, coordinate by coordinate, in the order chosen"
     candidates = [DECAY_A, DECAY_B, A_LR]
     tied = [{MNIST1D: 0.5, DIGITS: 0.7}, {MNIST1D: 0.9, DIGITS: 0.7}, {MNIST1D: float("nan"), DIGITS: float("nan")}]
     assert results.best_without(candidates, tied, MNIST1D) == DECAY_A, "a tie on digits goes to the first; NaN never wins"
