@@ -144,7 +144,7 @@ def test_a_linear_head_fed_by_another_state_than_the_last_hidden_one_is_refused_
 def test_a_resumed_env_keeps_the_validation_gradient_and_a_fresh_student_never_inherits_it(monkeypatch):
     env = trained_env()
     handle = env.unwrapped.handle
-    teacher = MetaGradTeacher(seed=0, val_batch=32).train().attach(handle)
+    teacher = MetaGradTeacher(unroll=1, seed=0, val_batch=32).train().attach(handle)
     teacher.net.double()
     obs, reward, done, _, info = env.step(teacher.act(env.unwrapped._last_obs))
     teacher.observe(reward, done, info)  # leaves the validation gradient at the current parameters on the handle
@@ -154,7 +154,7 @@ def test_a_resumed_env_keeps_the_validation_gradient_and_a_fresh_student_never_i
     resumed_env = make_tensor_env(**STUDENT, batch_size=16, dtype="float64", lr=0.1)
     resumed_env.reset(seed=5)
     resumed_env.unwrapped.load_state_dict(state)
-    resumed = MetaGradTeacher(seed=0, val_batch=32).attach(resumed_env.unwrapped.handle)
+    resumed = MetaGradTeacher(unroll=1, seed=0, val_batch=32).attach(resumed_env.unwrapped.handle)
     drawn = recording_val_indices(resumed_env.unwrapped.handle, monkeypatch)
     torch.testing.assert_close(resumed.alignment_input(), expected, rtol=0, atol=0)
     assert not drawn, "the resumed run reuses the saved validation gradient, as the uninterrupted one did"

@@ -203,7 +203,7 @@ def test_restricted_b3_gradient_matches_finite_differences_of_an_independent_rep
 
 def test_the_teacher_takes_the_closed_form_for_the_head_and_checks_its_premise(monkeypatch):
     env = make_tensor_env(batch_size=16)
-    teacher = MetaGradTeacher(meta_layers="head", seed=0).train().attach(env.unwrapped.handle)
+    teacher = MetaGradTeacher(meta_layers="head", unroll=1, seed=0).train().attach(env.unwrapped.handle)
     obs, _ = env.reset(seed=0)
     env.step(teacher.act(obs))
     transition = env.unwrapped.handle.last_transition
@@ -215,7 +215,7 @@ def test_the_teacher_takes_the_closed_form_for_the_head_and_checks_its_premise(m
     monkeypatch.setattr(agents.meta_grad, "validation_alignment", generic)
     teacher._window.append((transition, teacher._pending))
     teacher.meta_step()  # takes the closed form: the generic path would raise
-    broken = MetaGradTeacher(meta_layers="head", seed=0).attach(env.unwrapped.handle)
+    broken = MetaGradTeacher(meta_layers="head", unroll=1, seed=0).attach(env.unwrapped.handle)
     scrambled = dataclasses.replace(transition, head_input=transition.head_input.flip(0))
     with pytest.warns(UserWarning, match="not its head's input"):
         assert not broken.head_closed_form(scrambled)
@@ -223,9 +223,9 @@ def test_the_teacher_takes_the_closed_form_for_the_head_and_checks_its_premise(m
 
 def test_a_non_finite_meta_gradient_leaves_the_teacher_and_its_optimiser_untouched(monkeypatch):
     env = make_tensor_env(batch_size=16)
-    teacher = MetaGradTeacher(seed=0).train().attach(env.unwrapped.handle)
+    teacher = MetaGradTeacher(unroll=1, seed=0).train().attach(env.unwrapped.handle)
     obs, _ = env.reset(seed=0)
-    for _ in range(3):
+    for _ in range(3):  # three meta steps: the optimiser has a step count and moments to keep
         obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
         teacher.observe(reward, terminated, info)
     before = [p.detach().clone() for p in teacher.net.parameters()]
@@ -236,6 +236,7 @@ def test_a_non_finite_meta_gradient_leaves_the_teacher_and_its_optimiser_untouch
     assert float(scalars["meta_skipped"]) == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.net.parameters()))
     after = teacher.optimizer.state[teacher.net.out.weight]
+    assert float(state["step"]) == 3
     assert all(torch.equal(state[k], after[k]) for k in state), "step count and moments unchanged"
     ones = [torch.ones_like(p) for p in teacher.net.parameters()]
     monkeypatch.setattr(teacher, "meta_gradient", lambda: (torch.tensor(1.0), ones))
