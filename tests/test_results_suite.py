@@ -94,11 +94,11 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         ], row
     text = "\n".join(lines)
     assert (
-        f"- held out {MNIST1D}: meta_weight_decay 0.3 (by meta_weight_decay), then meta_weight_decay 0.3, teacher_lr 0.001 (by teacher_lr), then **meta_weight_decay 0.3, teacher_lr 0.001, unroll 5** (by unroll; criterion 97.0, the next 95.0 on this coordinate); `suites/results/transfer.yaml` uses it."
+        f"- held out {MNIST1D}: meta_weight_decay 0.3, then teacher_lr 0.001, then unroll 5: **meta_weight_decay 0.3, teacher_lr 0.001, unroll 5** (criterion 97.0, the next 95.0 on the last coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     assert (
-        f"- held out {DIGITS}: meta_weight_decay 1 (by meta_weight_decay), then meta_weight_decay 1 (by teacher_lr), then **meta_weight_decay 1** (by unroll; criterion 80.0, the next 60.0 on this coordinate); `suites/results/transfer.yaml` uses it."
+        f"- held out {DIGITS}: meta_weight_decay 1, then teacher_lr unchanged, then unroll unchanged: **meta_weight_decay 1** (criterion 80.0, the next 60.0 on the last coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     # options shared by every pre-training are the candidates' too; a per-setting entry that differs is named
@@ -106,7 +106,7 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
     suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: {**A_LR_B5, "val_batch": 64}}}))
     text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
     assert (
-        "(by unroll; criterion 97.0, the next 95.0 on this coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
+        "(criterion 97.0, the next 95.0 on the last coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
         in text
     )
     assert "`suites/results/transfer.yaml` uses meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
