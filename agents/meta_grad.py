@@ -219,7 +219,8 @@ class MetaGradTeacher(Teacher):
         self.hp = self.network_options()
         if self.hp.method == "jvp" and self.hp.unroll != 1:
             raise ValueError(
-                "method 'jvp' computes the one-step (B = 1) meta-gradient; use 'graph', 'replay' or 'auto' for unroll > 1"
+                f"method 'jvp' computes the one-step (B = 1) meta-gradient, and unroll is {self.hp.unroll} "
+                "(meta_grad's default is 5): pass unroll 1 with it, or method 'graph', 'replay' or 'auto'"
             )
         parse_meta_layers(self.hp.meta_layers)  # refuse a malformed spec now, not at the first meta step
         self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)

@@ -94,6 +94,7 @@ def _exit_message(capsys, tmp_path, *argv: str) -> str:
         (["--batch-size", "100000"], "batch_size must be in"),  # larger than the training set
         (["--dataset", "mnist", "--data-root", "/nonexistent"], "--download"),  # missing data
         (["--resume"], "--resume needs a checkpoint"),  # nothing to resume
+        (["--agent", "meta_grad", "--method", "jvp"], "pass unroll 1 with it"),  # the one-step path at the default B = 5
     ],
 )
 def test_bad_flags_exit_2_with_one_clear_message(capsys, tmp_path, argv, message):
