@@ -33,10 +33,11 @@ on tuning students (seeds 1000-1004, never reported; ``suites/defaults_mnist1d.y
   made scale-free); the teacher learns what to make of it together with the other features. At B = 1
   the last meta step has already taken that validation gradient, so it costs no extra forward; at
   B > 1 each action takes one validation forward for it.
-  Held-out accuracy with and without it (both at teacher_lr 0.03 and B = 1): mnist1d pair-flip 62.1 / 57.1, symmetric 59.4 / 59.0;
-  digits pair-flip 96.0 / 91.4, symmetric 96.8 / 95.8. Its final test accuracy is higher on
-  pair-flip (60.6 / 53.4, 93.8 / 90.9) but lower on symmetric noise (54.2 / 58.5, 89.6 / 92.3):
-  there its students end less steadily. The suites tune lr and teacher_lr per setting, not this switch.
+  Held-out accuracy with and without it (both at teacher_lr 0.03 and B = 1): mnist1d pair-flip
+  62.1 / 57.1, symmetric 59.4 / 59.0; digits pair-flip 96.0 / 91.4, symmetric 96.8 / 95.8. Its
+  final test accuracy is higher on pair-flip (60.6 / 53.4, 93.8 / 90.9) but lower on symmetric
+  noise (54.2 / 58.5, 89.6 / 92.3): there its students end less steadily. The suites tune lr and
+  teacher_lr per setting, not this switch.
 - ``teacher_lr`` 0.03 (with the alignment input, at B = 1): mean held-out accuracy 78.6 against 77.7
   for 0.01, the two values compared here. The suites tune it over {0.001, 0.003, 0.01, 0.03} on one
   tuning seed per setting; at B = 5 they chose, for the best held-out accuracy, 0.001, 0.003, 0.01,
@@ -47,11 +48,12 @@ on tuning students (seeds 1000-1004, never reported; ``suites/defaults_mnist1d.y
   78.6 for B = 1 (mnist1d symmetric 64.4 / 59.4, pair-flip 64.5 / 62.1; digits 97.2 / 96.8, 95.2 /
   96.0); it ends with final held-out accuracy on symmetric noise 60.0 against 52.3 (mnist1d) and 95.8
   against 89.2 (digits), level on pair-flip (59.6 / 59.8, 91.8 / 92.0), with higher AUROC in all four
-  (e.g. 0.98 against 0.87 on digits / symmetric), at 1.0x to 1.2x B = 1's cost per student update (``benchmarks/teach_step.py``, 2026-11-29:
-  6.54x against 6.39x a plain step on mlp / mnist1d, 4.15x against 3.38x on cnn / MNIST): one meta step
-  every five updates through all five of them, instead of one through each. B = 1 (``jvp``, no double
-  backward) stays the cheap path for ``--meta-layers head``; the layers suites pass ``unroll: 1``, and the
-  transfer search, run at B = 1 before this default changed, tries B = 5 as its last coordinate.
+  (e.g. 0.98 against 0.87 on digits / symmetric), at 1.0x to 1.2x B = 1's cost per student update
+  (``benchmarks/teach_step.py``, 2026-11-29: 6.54x against 6.39x a plain step on mlp / mnist1d, 4.15x
+  against 3.38x on cnn / MNIST): one meta step every five updates through all five of them, instead
+  of one through each. B = 1 (``jvp``, no double backward) stays the cheap path for ``--meta-layers
+  head``; the layers suites pass ``unroll: 1``, and the transfer search, run at B = 1 before this
+  default changed, tries B = 5 as its last coordinate.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ ALIGNMENT_HELP = (
 HEAD = ("head.weight", "head.bias")
 META_LAYERS_HELP = (
     "student layers the meta-gradient goes through: all, head (the output layer) or last:k (the last k modules "
-    "with parameters, BatchNorm's included); the other layers' update counts as fixed"
+    "with parameters, BatchNorm's included); the other layers' update counts as fixed. head is closed-form "
+    "(little more than the real step) at unroll 1 only"
 )
 
 
@@ -220,7 +223,8 @@ class MetaGradTeacher(Teacher):
         if self.hp.method == "jvp" and self.hp.unroll != 1:
             raise ValueError(
                 f"method 'jvp' computes the one-step (B = 1) meta-gradient, and unroll is {self.hp.unroll} "
-                "(meta_grad's default is 5): pass unroll 1 with it, or method 'graph', 'replay' or 'auto'"
+                f"(meta_grad's default is {MetaGradOptions().unroll}): pass unroll 1 with it, or method 'graph', "
+                "'replay' or 'auto'"
             )
         parse_meta_layers(self.hp.meta_layers)  # refuse a malformed spec now, not at the first meta step
         self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)

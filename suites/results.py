@@ -157,6 +157,8 @@ def coordinate_candidates(coordinate: int, choice: dict[str, Any] | None = None)
     key, values = TRANSFER_SEARCH[coordinate]
     if coordinate == 0:
         return [{key: value} for value in values]
+    if choice is None:
+        raise ValueError(f"coordinate {coordinate} of the search needs the choice of the coordinates before it")
     return [choice, *({**choice, key: value} for value in values)]
 
 
@@ -192,31 +194,26 @@ def best_without(candidates: list[dict[str, Any]], scores: list[dict[str, float]
     return candidates[int(np.argmax(criterion_without(scores, held_out)))]
 
 
-def held_out_search(out: Path, depth: int = len(TRANSFER_SEARCH)) -> dict[str, list[dict[str, Any]]]:
-    """Per held-out setting, the search's first ``depth`` coordinates on the other settings' tuning runs (which
-    must be in ``out``): per coordinate, its ``candidates``, their ``criterion`` and the ``choice``."""
+def held_out_search(out: Path, depth: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per held-out setting, the search's first ``depth`` coordinates (all by default) on the other settings'
+    tuning runs (which must be in ``out``): per coordinate, its candidates' ``criterion`` and the ``choice``."""
+    depth = len(TRANSFER_SEARCH) if depth is None else depth
     search = {}
     for label in tuning_scores(out, coordinate_candidates(0))[0]:
         steps: list[dict[str, Any]] = []
         for coordinate in range(depth):
             candidates = coordinate_candidates(coordinate, steps[-1]["choice"] if steps else None)
             scores = tuning_scores(out, candidates)
-            steps.append(
-                {
-                    "candidates": candidates,
-                    "criterion": criterion_without(scores, label),
-                    "choice": best_without(candidates, scores, label),
-                }
-            )
+            steps.append({"criterion": criterion_without(scores, label), "choice": best_without(candidates, scores, label)})
         search[label] = steps
     return search
 
 
-def transfer_candidates(out: Path, depth: int = len(TRANSFER_SEARCH)) -> list[dict[str, Any]]:
-    """Every candidate the search's first ``depth`` coordinates run, each once, coordinate by coordinate (needs
-    the tuning runs of the coordinates before the last in ``out``)."""
+def transfer_candidates(out: Path, depth: int | None = None) -> list[dict[str, Any]]:
+    """Every candidate the search's first ``depth`` coordinates (all by default) run, each once, coordinate by
+    coordinate (needs the tuning runs of the coordinates before the last in ``out``)."""
     candidates = coordinate_candidates(0)
-    for coordinate in range(1, depth):
+    for coordinate in range(1, len(TRANSFER_SEARCH) if depth is None else depth):
         for steps in held_out_search(out, coordinate).values():
             candidates += [c for c in coordinate_candidates(coordinate, steps[-1]["choice"]) if c not in candidates]
     return candidates
@@ -237,6 +234,27 @@ def run_transfer_tuning(out: Path) -> None:
             if options not in ran:
                 evaluate.main(transfer_tuning_argv(options, out))
                 ran.append(options)
+
+
+def choice_line(label: str, steps: list[dict[str, Any]], config: dict[str, Any], suite: Path) -> str:
+    """One held-out setting's search, coordinate by coordinate, its choice and its criterion, and whether the
+    transfer suite's ``config`` (read from ``suite``) pre-trains with that choice."""
+    options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
+    used, wanted = (
+        evaluate.resolved_options("meta_grad", o) for o in (options, {**shared_options(suite), **steps[-1]["choice"]})
+    )
+    differing = {key: value for key, value in used.items() if value != wanted[key]}
+    verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
+    criterion = np.sort(steps[-1]["criterion"])[::-1]
+    path = [candidate_label(steps[0]["choice"])]
+    for before, step, (key, _) in zip(steps, steps[1:], TRANSFER_SEARCH[1:]):
+        moved = step["choice"] != before["choice"]
+        path.append(f"{key} {_option_text(step['choice'][key])}" if moved else f"{key} unchanged")
+    return (
+        f"- held out {label}: {', then '.join(path)}: **{candidate_label(steps[-1]['choice'])}** "
+        f"(criterion {100 * criterion[0]:.1f}, the next {100 * criterion[1]:.1f} on the last coordinate); "
+        f"`suites/results/transfer.yaml` {verdict}."
+    )
 
 
 def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
@@ -261,23 +279,7 @@ def transfer_tuning_table(out: Path, suite: Path = TRANSFER_SUITE) -> list[str]:
         lines.append(f"| {candidate_label(options)} | " + " | ".join(cells) + " |")
     config = yaml.safe_load(suite.read_text())
     lines += ["", "Chosen per held-out setting, from the other settings' tuning runs (never its own students):", ""]
-    for label, steps in held_out_search(out).items():
-        options = evaluate.held_out_options(config.get("agent_options"), config.get("pretrain_options"), "meta_grad", label)
-        used, wanted = (
-            evaluate.resolved_options("meta_grad", o) for o in (options, {**shared_options(suite), **steps[-1]["choice"]})
-        )
-        differing = {key: value for key, value in used.items() if value != wanted[key]}
-        verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
-        criterion = np.sort(steps[-1]["criterion"])[::-1]
-        path = [candidate_label(steps[0]["choice"])]
-        for before, step, (key, _) in zip(steps, steps[1:], TRANSFER_SEARCH[1:]):
-            moved = step["choice"] != before["choice"]
-            path.append(f"{key} {_option_text(step['choice'][key])}" if moved else f"{key} unchanged")
-        lines.append(
-            f"- held out {label}: {', then '.join(path)}: **{candidate_label(steps[-1]['choice'])}** "
-            f"(criterion {100 * criterion[0]:.1f}, the next {100 * criterion[1]:.1f} on the last coordinate); "
-            f"`suites/results/transfer.yaml` {verdict}."
-        )
+    lines += [choice_line(label, steps, config, suite) for label, steps in held_out_search(out).items()]
     return [
         *lines, "",
         "With two pre-trainings per candidate the table carries no interval: a margin of a point or two between "
@@ -449,7 +451,7 @@ def section(name: str, out: Path | None) -> list[str]:
             "reported teachers); criterion: the best held-out accuracy, as `--tune` uses by default (`--tune-by best_val_acc`). Each held-out setting gets "
             "its pre-training options from the other settings' tuning runs, by a coordinate search: `meta_weight_decay` at "
             "meta_grad's default teacher_lr, then `teacher_lr` at the decay chosen, then `unroll` (B = 5 against the B = 1 "
-            "the first two coordinates ran at, shared by every pre-training in `suites/results/transfer.yaml`; added when "
+            "the first two coordinates ran at, `suites/results/transfer.yaml`'s shared entry, which every candidate inherits; added when "
             "meta_grad's default became B = 5, after the first two; B = 5 is tried only at the decay and teacher_lr chosen at "
             "B = 1, and over the same 6,000 updates it takes a fifth of the teacher steps, so a fifth of the decay). Its own students never take part; its "
             "data (noisy training set and clean split) does, in the pre-trainings behind the other settings' scores (a fully nested search would "

@@ -30,8 +30,8 @@ def _best_val(options: dict, dataset: str) -> float:
     """Tuning scores where held out mnist1d (judged on digits alone) chooses decay A, then teacher_lr 0.001,
     then B = 5, and held out digits (judged on mnist1d alone) chooses decay B at the default teacher_lr and B.
     The decoys win only if a setting's own runs, or another decay's later coordinates, took part."""
-    if options == A_LR_B5:
-        return {"digits": 0.97, "mnist1d": 0.5}[dataset]
+    if options == A_LR_B5:  # wins for held out mnist1d on digits alone; with its own runs A_LR would
+        return {"digits": 0.97, "mnist1d": 0.3}[dataset]
     if options == {**DECAY_B, "unroll": 5}:
         return {"digits": 0.99, "mnist1d": 0.6}[dataset]  # decoy: its own runs, for held out digits
     if options == A_LR:
@@ -77,7 +77,9 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
     ]
     ran = [json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"] for argv in calls]
     shared = results.shared_options()  # transfer.yaml's options for every pre-training, under each candidate's
-    assert ran == [{**shared, **options} for options in expected], "the decays, then teacher_lr at the decays chosen and no other"
+    assert ran == [{**shared, **options} for options in expected], (
+        "each coordinate's candidates at the choices so far, and no other"
+    )
     assert results.transfer_candidates(tmp_path) == expected
     assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR_B5, DIGITS: DECAY_B}
 

@@ -35,8 +35,9 @@ def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 TEACHERS = [
     ("uniform", {}),
-    ("meta_grad", {}),
-    ("meta_grad", {"meta_layers": "head"}),
+    ("meta_grad", {}),  # B = 5: the graph path
+    ("meta_grad", {"unroll": 1}),  # the JVP path, handing its validation gradient to the alignment input
+    ("meta_grad", {"unroll": 1, "meta_layers": "head"}),  # the closed form
     ("meta_grad", {"unroll": 3}),
     ("meta_grad", {"unroll": 3, "meta_layers": "last:2"}),
     ("mwnet", {}),
