@@ -79,7 +79,8 @@ accuracy at the evaluation with the best accuracy on the held-out selection spli
 seed, mean [95% t-interval] (wins/ties/losses, ties within 0.5 points); against the best
 clean-data baseline on final accuracy, that baseline chosen by its mean final test accuracy.
 `time x` (time per student step relative to `uniform`) is wall-clock time of runs that share the 2
-cores with other runs: indicative only; `benchmarks/teach_step.py` measures costs side by side.
+cores with other runs: indicative only (in the online suites `meta_grad`'s runs come from a later session than
+the other agents'); `benchmarks/teach_step.py` measures costs side by side.
 
 **meta_grad's B.** `meta_grad` takes its meta-gradient through B = 5 real student updates, its default
 since 2026-11-29; `mwnet` and `l2rw` are one-step methods (B = 1) as published. The default changed after
