@@ -462,18 +462,24 @@ def test_a_run_recorded_with_its_data_folder_is_reused_from_another_checkout(tmp
     assert calls == [], "a run recorded with a data folder is reused"
 
 
-def test_a_pre_training_from_another_data_folder_is_the_same_pre_training(tmp_path, monkeypatch):
-    """The pre-training's folder digest does not hold --data-root, while the pre-training is still
-    handed the folder to read."""
-    handed = []
+@pytest.fixture
+def handed(monkeypatch) -> list[list[str]]:
+    """The argv of every pre-training evaluate.py starts, each finishing at once (a summary, no teacher)."""
+    calls = []
 
-    def pre_train(argv):  # records what the pre-training would read, and finishes at once
-        handed.append(argv)
+    def pre_train(argv):
+        calls.append(argv)
         out = Path(argv[argv.index("--out") + 1])
         out.mkdir(parents=True)
         (out / "summary.json").write_text("{}")
 
     monkeypatch.setattr(train_teacher, "main", pre_train)
+    return calls
+
+
+def test_a_pre_training_from_another_data_folder_is_the_same_pre_training(tmp_path, handed):
+    """The pre-training's folder digest does not hold --data-root, while the pre-training is still
+    handed the folder to read."""
     grid = json.dumps([{"noise": "symmetric"}, {"noise": "pairflip"}])
     folders = []
     for root in ("/one/checkout/data", "/another/checkout/data"):
@@ -484,19 +490,10 @@ def test_a_pre_training_from_another_data_folder_is_the_same_pre_training(tmp_pa
     assert [a[a.index("--data-root") + 1] for a in handed] == ["/one/checkout/data"] * 2 + ["/another/checkout/data"] * 2
 
 
-def test_an_option_written_out_at_its_resolved_value_is_the_same_pre_training(tmp_path, monkeypatch):
+def test_an_option_written_out_at_its_resolved_value_is_the_same_pre_training(tmp_path, handed):
     """The pre-training's digest holds the agent's options resolved, not the flags that set them: an
-    option written out at the value it resolves to reuses the pre-training (the pre-training is still
-    handed the flag), and another value makes another one."""
-    handed = []
-
-    def pre_train(argv):  # records what the pre-training is handed, and finishes at once
-        handed.append(argv)
-        out = Path(argv[argv.index("--out") + 1])
-        out.mkdir(parents=True)
-        (out / "summary.json").write_text("{}")
-
-    monkeypatch.setattr(train_teacher, "main", pre_train)
+    option written out at the value it resolves to reuses the pre-training, and another value makes
+    another one, which is handed that value's flag."""
     grid = json.dumps([{"noise": "symmetric"}, {"noise": "pairflip"}])
     default_unroll = evaluate.resolved_options("meta_grad", {})["unroll"]
     folders = []
