@@ -1,8 +1,9 @@
-"""Why the CNN student pools before its ReLU and, on the CPU, channels-last: its two ReLU + max-pool
-blocks on MNIST-sized activations (batch 128), timed side by side in three layouts, as a forward
-without autograd (evaluation, validation forwards, JVPs) and as forward + backward (training).
-Ratios are to round 1's layout (NCHW, ReLU then pool). The values agree in all three layouts
-(ReLU and max-pooling commute); ``tests/test_components.py`` checks the student against round 1's.
+"""Why the CNN student pools before its ReLU and, on the CPU, runs channels-last: the whole student
+(MNIST-sized input, batch 128) timed side by side in three layouts, as a forward without autograd
+(evaluation, validation forwards, JVPs) and as forward + backward (training). Ratios are to round
+1's layout (NCHW throughout, ReLU then pool). The logits agree in all three layouts to float32
+rounding (ReLU and max-pooling commute; a convolution's summation order depends on the layout);
+``tests/test_components.py`` checks the student against round 1's order.
 
     python benchmarks/cnn_layout.py
 """
@@ -14,30 +15,46 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import add_ratios, interleaved, machine, save  # noqa: E402
+from students.models import make_student  # noqa: E402
 
-SHAPES = ((128, 32, 28, 28), (128, 64, 14, 14))  # the CNN's two conv outputs on MNIST, batch 128
+BATCH, SHAPE = 128, (1, 28, 28)
+
+
+def nchw_relu_then_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Round 1: NCHW throughout, the textbook ReLU then max-pool."""
+    h = F.max_pool2d(F.relu(model.conv1(x)), 2)
+    h = F.max_pool2d(F.relu(model.conv2(h)), 2)
+    return model.head(F.relu(model.fc(h.flatten(1))))
+
+
+def channels_last_pooling(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """28f31f5 to 2026-11-29: NCHW convolutions, each map copied to channels-last for pooling, pooled before the ReLU."""
+    h = F.relu(F.max_pool2d(model.conv1(x).contiguous(memory_format=torch.channels_last), 2))
+    h = F.relu(F.max_pool2d(model.conv2(h).contiguous(memory_format=torch.channels_last), 2))
+    return model.head(F.relu(model.fc(h.flatten(1))))
+
+
 LAYOUTS = {
-    "NCHW, relu then pool": lambda h: F.max_pool2d(F.relu(h), 2),
-    "NCHW, pool then relu": lambda h: F.relu(F.max_pool2d(h, 2)),
-    "channels-last, pool then relu": lambda h: F.relu(F.max_pool2d(h.contiguous(memory_format=torch.channels_last), 2)),
+    "NCHW, relu then pool": nchw_relu_then_pool,
+    "NCHW conv, channels-last pool": channels_last_pooling,
+    "channels-last throughout (now)": lambda model, x: model(x)[0],
 }
 
 
-def candidates(block, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
-    """The block on both activations, without autograd and with a backward."""
+def candidates(layout, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The student in ``layout``, without autograd and with a backward to its parameters."""
 
     def forward() -> None:
         with torch.no_grad():
-            for h in inputs:
-                block(h)
+            layout(model, x)
 
     def training() -> None:
-        for h, g in zip(inputs, grads):
-            block(h).backward(g)
+        torch.autograd.grad(F.cross_entropy(layout(model, x), y), list(model.parameters()))
 
     return {"forward": forward, "forward + backward": training}
 
@@ -48,27 +65,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
-    generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(s, generator=generator).requires_grad_() for s in SHAPES]
-    grads = [torch.randn(s[0], s[1], s[2] // 2, s[3] // 2, generator=generator) for s in SHAPES]
-    reference = [F.max_pool2d(F.relu(h), 2) for h in inputs]
-    assert all(torch.equal(block(h), r) for block in LAYOUTS.values() for h, r in zip(inputs, reference))
+    torch.manual_seed(0)
+    model = make_student("cnn", SHAPE, 10)
+    x, y = torch.rand(BATCH, *SHAPE), torch.randint(0, 10, (BATCH,))
+    with torch.no_grad():
+        reference = nchw_relu_then_pool(model, x)
+        for layout in LAYOUTS.values():
+            torch.testing.assert_close(layout(model, x), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
     timed = {}
-    for layout, block in LAYOUTS.items():
-        for mode, fn in candidates(block, inputs, grads).items():
-            timed[f"{mode}: {layout}"] = fn
+    for name, layout in LAYOUTS.items():
+        for mode, fn in candidates(layout, model, x, y).items():
+            timed[f"{mode}: {name}"] = fn
     timings = interleaved(timed, args.calls, args.rounds, torch.device("cpu"))
     for mode in ("forward", "forward + backward"):
         add_ratios(
-            {f"{mode}: {layout}": timings[f"{mode}: {layout}"] for layout in LAYOUTS},
+            {f"{mode}: {name}": timings[f"{mode}: {name}"] for name in LAYOUTS},
             f"{mode}: NCHW, relu then pool",
             "ratio_to_round1",
         )
-        for layout in LAYOUTS:
-            t = timings[f"{mode}: {layout}"]
-            print(f"{mode:20s} {layout:32s} {t['ms']:7.2f} ms  x{t['ratio_to_round1']:.2f}")
+        for name in LAYOUTS:
+            t = timings[f"{mode}: {name}"]
+            print(f"{mode:20s} {name:32s} {t['ms']:7.2f} ms  x{t['ratio_to_round1']:.2f}")
     if not args.no_save:
-        print("saved", save("cnn_layout", {"machine": machine(torch.device("cpu")), "shapes": SHAPES, "timings": timings}))
+        payload = {"machine": machine(torch.device("cpu")), "batch": BATCH, "input_shape": SHAPE, "timings": timings}
+        print("saved", save("cnn_layout", payload))
 
 
 if __name__ == "__main__":

@@ -58,19 +58,16 @@ class CNN(nn.Module):
         self.head = nn.Linear(fc, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
-        h = F.relu(self.max_pool(self.conv1(x)))
-        h = F.relu(self.max_pool(self.conv2(h)))
+        if x.dim() == 4 and x.device.type == "cpu":
+            # a channels-last input makes every map after it channels-last, whose CPU convolution and pooling
+            # kernels are faster than NCHW's (benchmarks/cnn_layout.py); a copy, since a one-channel map's layout
+            # is ambiguous and ``contiguous`` would keep it
+            x = x.clone(memory_format=torch.channels_last)
+        h = F.relu(self.pool(self.conv1(x)))  # pooling before the ReLU: the two commute, and the ReLU then
+        h = F.relu(self.pool(self.conv2(h)))  # touches a quarter of the values
         conv_features = h.flatten(2).mean(-1)
         penultimate = F.relu(self.fc(h.flatten(1)))
         return self.head(penultimate), {"conv2": conv_features, "fc": penultimate}
-
-    def max_pool(self, h: torch.Tensor) -> torch.Tensor:
-        """``self.pool``, taken before the ReLU (the two commute exactly, and the ReLU then touches a quarter
-        of the values); on the CPU a 2-D map is pooled channels-last, whose kernels are faster than NCHW's
-        (``benchmarks/cnn_layout.py`` measures it; ``tests/test_components.py`` checks the values)."""
-        if h.dim() == 4 and h.device.type == "cpu":
-            h = h.contiguous(memory_format=torch.channels_last)
-        return self.pool(h)
 
 
 class BasicBlock(nn.Module):

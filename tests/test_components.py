@@ -77,6 +77,17 @@ def test_cnn_pools_before_relu_with_the_values_and_gradients_of_relu_then_pool(s
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
 
 
+def test_cnn_maps_are_channels_last_on_the_cpu_even_from_one_input_channel():
+    """The faster CPU layout (benchmarks/cnn_layout.py) must survive the ambiguity of a one-channel input,
+    whose NCHW strides also pass as channels-last: each convolution's output has its channels innermost."""
+    model = make_student("cnn", (1, 12, 12), 5, channels=[3, 4], fc=6)
+    maps = []
+    for conv in (model.conv1, model.conv2):
+        conv.register_forward_hook(lambda module, inputs, output: maps.append(output))
+    model(torch.randn(7, 1, 12, 12))
+    assert [h.stride(1) for h in maps] == [1, 1]
+
+
 def _obs(losses: list[float], progress: float) -> dict:
     samples = np.zeros((len(losses), 7), np.float32)
     samples[:, 0] = losses
