@@ -11,7 +11,13 @@ inputs, not differentiated through (as in Meta-Weight-Net).
 B = 1 needs no double backward (method ``jvp``): with theta' = update(theta, w), dL_val/dw_i is a
 linear function of the inner products <grad L_val(theta'), grad l_i(theta)> (see
 ``weight_gradient``), and those n inner products are one forward-mode JVP of the per-sample losses
-along grad L_val(theta'). B > 1 (method ``graph``) hands the env weights that carry their graph, so
+along grad L_val(theta'). Method ``layerwise`` gets them without the JVP, from what the real update
+already computed: for a layer z = f(a; W, b) affine in its parameters and computed sample by sample
+(``nn.Linear``, ``nn.Conv*``), sample i's gradient paired with a direction (G_W, G_b) is
+<dl_i/dz_i, f(a_i; G_W, G_b)>, one forward of the layer with the direction as its parameters, whose
+input and output gradient the env recorded during the real step (``Transition.layers``). Students with
+BatchNorm (which mixes the samples of a batch) or layers of other kinds take the JVP instead, and the
+closed form is checked against the JVP on each student's first traced update. B > 1 (method ``graph``) hands the env weights that carry their graph, so
 the real updates are built differentiably (``create_graph``) and the validation loss back-propagates
 through them directly; ``replay`` instead recomputes the B updates from their recorded starting
 points (the straightforward reference both fast paths are tested against).
@@ -66,13 +72,14 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from agents.base import Teacher, as_tensor_obs
 from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
 from runconfig import field
 from students.functional import WEIGHT_SUM_EPS, Params, parameter_layers, sgd_update
-from students.handle import StudentHandle, Transition
+from students.handle import LayerRecord, StudentHandle, Transition
 from students.models import head_input, make_student
 
 # PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
@@ -83,7 +90,8 @@ FEATURE_SETS = ("all", "surface", "loss")
 # the teacher network's hidden activation; a leaky one keeps a unit that a large step pushed below zero for
 # every input able to recover (with plain ReLU it is dead for good)
 ACTIVATIONS = {"relu": F.relu, "leaky_relu": F.leaky_relu}
-METHODS = ("auto", "jvp", "graph", "replay")
+METHODS = ("auto", "jvp", "layerwise", "graph", "replay")
+ONE_STEP_METHODS = ("jvp", "layerwise")  # the B = 1 meta-gradient from inner products, no double backward
 ALIGNMENT_HELP = (
     "one more input per sample: the cosine between its output-layer gradient and the clean validation loss's "
     "(needs a student whose output layer is an nn.Linear named head, as the built-in ones)"
@@ -191,7 +199,12 @@ class MetaGradOptions:
     teacher_lr: float = field(0.03, "teacher learning rate (Adam)", above=0.0)
     meta_weight_decay: float = field(1e-4, "teacher weight decay (decoupled, AdamW)", low=0.0)
     val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
-    method: str = field("auto", "meta-gradient path: auto (jvp for B = 1, else graph), jvp, graph, replay", choices=list(METHODS))
+    method: str = field(
+        "auto",
+        "meta-gradient path: auto (jvp for B = 1, else graph), jvp, layerwise (B = 1: the per-sample inner products from "
+        "the real step's per-layer inputs and output gradients, no JVP), graph, replay",
+        choices=list(METHODS),
+    )
     meta_layers: str = field("all", META_LAYERS_HELP)
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
     alignment: bool = field(True, ALIGNMENT_HELP)
@@ -220,15 +233,16 @@ class MetaGradTeacher(Teacher):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.hp = self.network_options()
-        if self.hp.method == "jvp" and self.hp.unroll != 1:
+        if self.hp.method in ONE_STEP_METHODS and self.hp.unroll != 1:
             raise ValueError(
-                f"method 'jvp' computes the one-step (B = 1) meta-gradient, and unroll is {self.hp.unroll} "
+                f"method {self.hp.method!r} computes the one-step (B = 1) meta-gradient, and unroll is {self.hp.unroll} "
                 f"(meta_grad's default is {MetaGradOptions().unroll}): pass unroll 1 with it, or method 'graph', "
                 "'replay' or 'auto'"
             )
         parse_meta_layers(self.hp.meta_layers)  # refuse a malformed spec now, not at the first meta step
         self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)
         self._head_checked: tuple[Any, bool] = (None, False)  # (student, whether head_alignment applies to it)
+        self._layerwise_checked: tuple[Any, bool] = (None, False)  # (student, whether layerwise_alignment fits it)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hp.seed)
             self.net = WeightNet(
@@ -356,6 +370,8 @@ class MetaGradTeacher(Teacher):
             with torch.no_grad():
                 return self.weights(self.with_alignment(obs))
         self._pending = self.weights(self.with_alignment(obs))
+        if self.method == "layerwise" and self.handle is not None:  # the env records the next batch's layers
+            self.handle.trace_layers = not has_batch_norm(self.handle.student.model)
         if self.method != "graph":
             return self._pending.detach()
         if self.handle is not None:  # the env keeps the graph of these layers' updates only
@@ -400,14 +416,9 @@ class MetaGradTeacher(Teacher):
         val_indices = handle.val_indices(self.hp.val_batch)
         params = list(self.net.parameters())
         layers = self.meta_layers()
-        if self.method == "jvp" and len(transitions) == 1:
+        if self.method in ONE_STEP_METHODS and len(transitions) == 1:
             last = transitions[0]
-            if self.head_closed_form(last):
-                inner, val_loss, val_grad = head_alignment(handle, last, handle.params, val_indices)
-            else:
-                inner, val_loss, val_grad = validation_alignment(
-                    handle, last.params, handle.params, last.indices, val_indices, layers
-                )
+            inner, val_loss, val_grad = self.one_step_alignment(last, weights[0].detach(), val_indices, layers)
             if self.hp.alignment and all(n in val_grad for n in HEAD):  # at the current parameters: the next input's
                 handle.val_head_grad = {n: val_grad[n] for n in HEAD}
             weight_grad = weight_gradient(inner, weights[0].detach(), last.lr)
@@ -421,6 +432,37 @@ class MetaGradTeacher(Teacher):
             grads = torch.autograd.grad(val_loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return val_loss.detach(), grads
+
+    def one_step_alignment(
+        self, last: Transition, weights: torch.Tensor, val_indices: torch.Tensor, layers: frozenset[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Params]:
+        """(a, L_val(after), grad L_val(after)) for the B = 1 update ``last``, by the cheapest exact path the
+        student allows: the output layer's closed form, the per-layer one (``layerwise``), or the JVP. The
+        per-layer form is checked against the JVP on each student's first traced update (one host read per
+        student); a student it does not fit (one whose layers mix samples) gets the JVP, with a warning."""
+        handle = self.handle
+        if self.head_closed_form(last):
+            return head_alignment(handle, last, handle.params, val_indices)
+        checked = self._layerwise_checked[0] is handle.student
+        if (
+            self.method == "layerwise"
+            and (not checked or self._layerwise_checked[1])
+            and records_cover(last, handle.params, layers)
+        ):
+            fast = layerwise_alignment(handle, last, weights, handle.params, val_indices, layers)
+            if checked:
+                return fast
+            exact = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+            fits = torch.allclose(fast[0], exact[0], rtol=1e-3, atol=1e-4 * float(exact[0].abs().max()))
+            if not fits:
+                warnings.warn(
+                    "the per-layer inner products of method 'layerwise' differ from the JVP's on this student (do its "
+                    "layers mix the samples of a batch?): it takes the JVP",
+                    stacklevel=3,
+                )
+            self._layerwise_checked = (handle.student, fits)
+            return fast if fits else exact
+        return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -466,14 +508,79 @@ def validation_alignment(
     """(a, L_val(after), grad L_val(after)) with a_i = <grad L_val(after), grad l_i(before)> for the
     samples ``indices``, from one forward-mode JVP of the per-sample losses (no double backward);
     with ``layers``, both gradients are taken with respect to those parameters only."""
-    names = [n for n in after if layers is None or n in layers]
-    after = {n: p.detach().requires_grad_(layers is None or n in layers) for n, p in after.items()}
-    val_loss = handle.val_loss(after, val_indices)
-    direction = dict(zip(names, torch.autograd.grad(val_loss, [after[n] for n in names])))
+    val_loss, direction = validation_gradient(handle, after, val_indices, layers)
     with fwad.dual_level():
         dual = {n: fwad.make_dual(p.detach(), direction[n]) if n in direction else p.detach() for n, p in before.items()}
         inner = fwad.unpack_dual(handle.per_sample_losses(dual, indices)).tangent
-    return inner, val_loss.detach(), direction
+    return inner, val_loss, direction
+
+
+def validation_gradient(
+    handle: StudentHandle, params: Params, val_indices: torch.Tensor, layers: frozenset[str] | None = None
+) -> tuple[torch.Tensor, Params]:
+    """(L_val, grad L_val) under ``params`` for the validation samples ``val_indices``, the gradient with respect
+    to ``layers``' parameters (all of them when None)."""
+    names = [n for n in params if layers is None or n in layers]
+    params = {n: p.detach().requires_grad_(layers is None or n in layers) for n, p in params.items()}
+    val_loss = handle.val_loss(params, val_indices)
+    return val_loss.detach(), dict(zip(names, torch.autograd.grad(val_loss, [params[n] for n in names])))
+
+
+def layer_parameters(record: LayerRecord) -> dict[str, str]:
+    """The student's name of each parameter of ``record``'s layer, keyed by the layer's own name for it."""
+    prefix = f"{record.name}." if record.name else ""
+    return {local: prefix + local for local, _ in record.module.named_parameters()}
+
+
+def records_cover(transition: Transition, params: Params, layers: frozenset[str] | None) -> bool:
+    """Whether ``transition`` recorded, with its output gradients for the whole batch, a layer for every
+    parameter the meta-gradient goes through (``layers``, or all of ``params``)."""
+    records = transition.layers
+    if not records or any(r.output_grad is None or r.output_grad.shape[0] != len(transition.indices) for r in records):
+        return False
+    recorded = {name for r in records for name in layer_parameters(r).values()}
+    return recorded >= (set(params) if layers is None else set(layers))
+
+
+def layerwise_alignment(
+    handle: StudentHandle,
+    transition: Transition,
+    weights: torch.Tensor,
+    after: Params,
+    val_indices: torch.Tensor,
+    layers: frozenset[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Params]:
+    """``validation_alignment`` from ``transition``'s layer records (see ``records_cover``), without a JVP: a
+    layer's share of a_i is <dl_i/dz_i, f(a_i; G)>, its output gradient against a forward of its input with
+    the direction G as its parameters. The records hold the gradients of the update's weighted loss,
+    (w_i / S) dl_i/dz_i, so the sums are divided by w_i / S; a sample of weight exactly 0 gets 0 (a weight
+    that underflowed to 0 passes no gradient back to the teacher)."""
+    val_loss, direction = validation_gradient(handle, after, val_indices, layers)
+    with torch.no_grad():
+        weighted = torch.zeros_like(weights)
+        for record in transition.layers:
+            names = layer_parameters(record)
+            if all(name in direction for name in names.values()):
+                along = functional_call(record.module, {local: direction[name] for local, name in names.items()}, (record.input,))
+                weighted = weighted + per_sample_dot(along, record.output_grad)
+        share = weights / weights.sum().clamp(min=WEIGHT_SUM_EPS)
+        inner = torch.where(share > 0, weighted / share, torch.zeros_like(weighted))
+    return inner, val_loss, direction
+
+
+def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,): each sample's sum of ``a * b`` over its other dimensions, read in memory order (a channels-last
+    map is not copied to NCHW, and the product is not materialised) when both share one dense layout."""
+    order = sorted(range(1, a.dim()), key=a.stride, reverse=True)
+    a, b = a.permute(0, *order), b.permute(0, *order)
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(b), -1, 1)).view(-1)
+    return (a * b).sum(tuple(range(1, a.dim())))
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises over the batch, so that a sample's loss depends on the others'."""
+    return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)) for m in model.modules())
 
 
 def head_alignment(

@@ -1,7 +1,7 @@
 """Cost of teaching: a plain student step against one full teaching step (teacher acts, the env
 takes the weighted student update, the teacher takes its meta-gradient step) for ``meta_grad``
-with B = 1, 3, 5 and through the output layer only (``--meta-layers head``), ``mwnet`` and
-``l2rw``, side by side in one process. Milliseconds per student step, ratio to the plain step, peak
+with B = 1 (by its JVP and by its ``layerwise`` closed form), 3, 5 and through the output layer
+only (``--meta-layers head``), ``mwnet`` and ``l2rw``, side by side in one process. Milliseconds per student step, ratio to the plain step, peak
 GPU memory per teacher (CUDA), and the max RSS of each config's process (each config runs in a
 fresh process, so that one config's memory does not count towards another's).
 
@@ -42,6 +42,7 @@ CONFIGS = {
 }
 TEACHERS = {
     "meta_grad B=1": ("meta_grad", {"unroll": 1}),
+    "meta_grad B=1 layerwise": ("meta_grad", {"unroll": 1, "method": "layerwise"}),
     "meta_grad head B=1": ("meta_grad", {"unroll": 1, "meta_layers": "head"}),
     "meta_grad head B=1, no alignment": ("meta_grad", {"unroll": 1, "meta_layers": "head", "alignment": False}),
     "meta_grad B=3": ("meta_grad", {"unroll": 3}),

@@ -7,20 +7,41 @@ the last update taken. Teachers that need more than the Gym API receive the hand
 
 The graph-carrying weights of the B > 1 (``graph``) path are part of this contract: an action that
 ``requires_grad`` makes the env build its update differentiably, so ``params`` then carry the
-teacher's graph until the teacher calls ``detach()``. Everything else leaves the student's
-state untouched (BatchNorm statistics included).
+teacher's graph until the teacher calls ``detach()``. So is ``trace_layers``: a teacher that sets it
+gets, with each update, its affine layers' inputs and the gradients at their outputs
+(``Transition.layers``), the makings of every sample's gradient without a per-sample backward.
+Everything else leaves the student's state untouched (BatchNorm statistics included).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from students.data import Dataset, Split, to_device
 from students.functional import FunctionalStudent, Params, SGDConfig, sgd_update
 from students.models import head_input
+
+# modules whose output is an affine function of their parameters, computed sample by sample: for these the
+# per-sample gradient of a loss is the layer's input times the gradient at its output (``LayerRecord``)
+AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class LayerRecord:
+    """One call of an affine layer in a traced batch forward: the layer, its input, and (once the real
+    update has back-propagated) the gradient of the update's weighted loss with respect to its output."""
+
+    name: str  # the layer's module name (its parameters are name.weight, name.bias)
+    module: nn.Module
+    input: torch.Tensor
+    output_grad: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,7 @@ class Transition:
     lr: float  # the learning rate the update used
     logits: torch.Tensor  # the batch's logits under ``params`` (from the real forward, detached)
     head_input: torch.Tensor  # the batch's last hidden state, the output layer's input (detached)
+    layers: tuple[LayerRecord, ...] | None = None  # the affine layers' inputs and output gradients, when traced
 
 
 class StudentHandle:
@@ -55,6 +77,10 @@ class StudentHandle:
         # which parameters a differentiable update keeps the graph for (None: all); a teacher whose
         # meta-gradient goes through some layers only sets it, and the others' updates stay fixed
         self.differentiable_params: frozenset[str] | None = None
+        # set by a teacher that reads the real update's per-layer inputs and output gradients (``Transition.layers``):
+        # batch forwards then record them; cleared with every new student
+        self.trace_layers = False
+        self.batch_layers: list[LayerRecord] | None = None
         self.last_transition: Transition | None = None
         self.lr_now = sgd.lr  # learning rate of the next update (the env sets it as its schedule advances)
         # set on the device when an update met a non-finite loss (the student diverged); read at evaluations,
@@ -71,7 +97,7 @@ class StudentHandle:
         self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
         self.val_head_grad = None
         self.diverged = torch.zeros_like(self.diverged)
-        self.differentiable_params = None
+        self.differentiable_params, self.trace_layers, self.batch_layers = None, False, None
         self._val_generator.manual_seed(val_seed)
 
     # ------------------------------------------------------------------ what the env does with it
@@ -89,7 +115,9 @@ class StudentHandle:
     def _forward_losses(self, buffers: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward the current batch under ``params`` and keep its losses and outputs for the update."""
         x, y = self.pool.x[self.batch_indices], self.pool.y[self.batch_indices]
-        logits, hidden = self.student.forward(self.params, buffers, x, train=True)
+        self.batch_layers = [] if self.trace_layers else None
+        with recording_layers(self.student.model, self.batch_layers):
+            logits, hidden = self.student.forward(self.params, buffers, x, train=True)
         self.batch_losses = F.cross_entropy(logits, y, reduction="none")
         self.batch_outputs = (logits.detach(), head_input(hidden).detach())
         return logits, hidden, y
@@ -104,7 +132,10 @@ class StudentHandle:
         apply = finite if valid is None else finite & valid
         self.diverged |= ~finite if valid is None else ~finite & valid  # a bad action is the teacher's fault
         grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
-        self.last_transition = Transition(self.params, self.momentum, self.batch_indices, self.lr_now, *self.batch_outputs)
+        layers = None if self.batch_layers is None else tuple(self.batch_layers)
+        self.last_transition = Transition(
+            self.params, self.momentum, self.batch_indices, self.lr_now, *self.batch_outputs, layers
+        )
         with torch.set_grad_enabled(differentiable):
             params, momentum = sgd_update(self.params, self.momentum, dict(zip(self.params, grads)), self.lr_now, self.sgd)
             params = {n: torch.where(apply, p, self.params[n]) for n, p in params.items()}
@@ -112,7 +143,7 @@ class StudentHandle:
         keep = self.differentiable_params if differentiable else frozenset()
         self.params = {n: p if keep is None or n in keep else p.detach().requires_grad_() for n, p in params.items()}
         self.momentum = {n: m if keep is None or n in keep else m.detach() for n, m in momentum.items()}
-        self.batch_losses, self.val_head_grad = None, None
+        self.batch_losses, self.val_head_grad, self.batch_layers = None, None, None
 
     # ------------------------------------------------------------------ what teachers may call
     def detach(self) -> None:
@@ -182,3 +213,29 @@ class StudentHandle:
         self.diverged = state.get("diverged", torch.zeros((), dtype=torch.bool)).to(device)
         self.val_head_grad = to(state["val_head_grad"]) if "val_head_grad" in state else None
         self.refresh_batch()
+
+
+@contextmanager
+def recording_layers(model: nn.Module, records: list[LayerRecord] | None) -> Iterator[None]:
+    """Within the block, each call of one of ``model``'s affine layers appends a ``LayerRecord`` to ``records``
+    (its output gradient filled in by the next backward through it); nothing when ``records`` is None."""
+    if records is None:
+        yield
+        return
+
+    def record(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        entry = LayerRecord(name, module, inputs[0].detach())
+        records.append(entry)
+        if output.requires_grad:
+            output.register_hook(lambda grad: setattr(entry, "output_grad", grad))
+
+    hooks = [
+        module.register_forward_hook(partial(record, name))
+        for name, module in model.named_modules()
+        if isinstance(module, AFFINE_LAYERS)
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -242,3 +242,86 @@ def test_a_non_finite_meta_gradient_leaves_the_teacher_and_its_optimiser_untouch
     monkeypatch.setattr(teacher, "meta_gradient", lambda: (torch.tensor(1.0), ones))
     assert float(teacher.meta_step()["meta_skipped"]) == 0.0
     assert not torch.equal(before[0], next(teacher.net.parameters())), "a finite gradient does move the teacher"
+
+
+LAYERWISE_STUDENTS = {
+    "mlp": dict(student="mlp", student_kwargs={"hidden": [6, 5]}),
+    "cnn-2d": dict(dataset="mnist", student="cnn", student_kwargs={"channels": [3, 4], "fc": 6}, train_size=200),
+    "cnn-1d": dict(dataset="mnist1d", student="cnn", student_kwargs={"channels": [3, 4], "fc": 6}),
+}
+
+
+def _traced_update(student: str, weights: torch.Tensor):
+    """A float64 env (momentum, weight decay, cosine schedule) whose last update was taken with ``weights``
+    and recorded layer by layer (``handle.trace_layers``); returns (handle, that update, validation batch)."""
+    config = LAYERWISE_STUDENTS[student]
+    if config.get("dataset") == "mnist":
+        from tests.conftest import MNIST_ROOT
+
+        if not (MNIST_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
+            pytest.skip("real MNIST not found")
+        config = {**config, "data_root": str(MNIST_ROOT)}
+    env = make_tensor_env(**config, batch_size=8, dtype="float64", momentum=0.9, weight_decay=1e-3, lr=0.05, lr_schedule="cosine")
+    env.reset(seed=0)
+    handle = env.unwrapped.handle
+    handle.trace_layers = True  # the next batch's forward (taken inside this step) is recorded
+    for _ in range(3):
+        env.step(torch.full((8,), 0.5, dtype=torch.float64))
+    env.step(weights)
+    return handle, handle.last_transition, handle.val_indices(16)
+
+
+@pytest.mark.parametrize("student", list(LAYERWISE_STUDENTS))
+@pytest.mark.parametrize("spec", ["all", "last:2"])
+def test_layerwise_inner_products_equal_the_jvp_at_weights_far_from_uniform(student, spec):
+    """The per-layer closed form divides the recorded gradients of the *weighted* loss by each sample's share
+    w_i / S: at weights that differ by orders of magnitude (one of them exactly 0, whose alignment is not
+    needed and comes out 0), it equals the JVP of the unweighted per-sample losses, in float64."""
+    weights = torch.tensor([1.0, 0.0, 0.3, 1e-9, 0.8, 0.05, 1.0, 0.6], dtype=torch.float64)
+    handle, last, val_indices = _traced_update(student, weights)
+    layers = meta_parameters(handle.params, spec)
+    assert agents.meta_grad.records_cover(last, handle.params, layers)
+    fast, fast_loss, fast_grad = agents.meta_grad.layerwise_alignment(handle, last, weights, handle.params, val_indices, layers)
+    exact, exact_loss, exact_grad = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+    assert float(exact.std()) > 0.1 * float(exact.abs().max()), "the samples' alignments must differ"
+    kept = weights > 0
+    torch.testing.assert_close(fast[kept], exact[kept], rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
+    assert float(fast[~kept].abs().max()) == 0.0
+    assert torch.equal(fast_loss, exact_loss) and fast_grad.keys() == exact_grad.keys()
+
+
+def test_the_teacher_takes_the_layerwise_path_checks_it_once_and_falls_back_where_it_does_not_fit(monkeypatch):
+    """``method layerwise``: on a student's first traced update the teacher checks the closed form against the
+    JVP (and trusts it afterwards, never running the JVP); a student it does not fit (here a record whose
+    output gradients belong to other samples, as a layer mixing the batch would give) gets the JVP, with a
+    warning; a BatchNorm student is never traced."""
+    env = make_tensor_env(batch_size=16)
+    teacher = MetaGradTeacher(unroll=1, method="layerwise", seed=0).train().attach(env.unwrapped.handle)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
+        teacher.observe(reward, terminated, info)
+    assert teacher._layerwise_checked == (env.unwrapped.handle.student, True)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the JVP ran")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(agents.meta_grad, "validation_alignment", generic)
+        obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
+        teacher.observe(reward, terminated, info)  # a checked student: the closed form alone
+    obs, _ = env.reset(seed=1)  # a new student: checked again, on a record made not to fit
+    env.step(teacher.act(obs))
+    obs, _, _, _, info = env.step(teacher.act(obs))
+    last = env.unwrapped.handle.last_transition
+    record = last.layers[0]
+    record.output_grad = record.output_grad.flip(0)
+    teacher._window.append((last, teacher._pending))
+    with pytest.warns(UserWarning, match="differ from the JVP's"):
+        teacher.meta_step()
+    assert teacher._layerwise_checked == (env.unwrapped.handle.student, False)
+    bn = make_tensor_env(batch_size=16, student="resnet20", student_kwargs={"width": 2})
+    teacher = MetaGradTeacher(unroll=1, method="layerwise", seed=0).train().attach(bn.unwrapped.handle)
+    obs, _ = bn.reset(seed=0)
+    bn.step(teacher.act(obs))
+    assert not bn.unwrapped.handle.trace_layers and bn.unwrapped.handle.last_transition.layers is None

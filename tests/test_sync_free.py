@@ -38,6 +38,7 @@ TEACHERS = [
     ("meta_grad", {}),  # B = 5: the graph path
     ("meta_grad", {"unroll": 1}),  # the JVP path, handing its validation gradient to the alignment input
     ("meta_grad", {"unroll": 1, "meta_layers": "head"}),  # the closed form
+    ("meta_grad", {"unroll": 1, "method": "layerwise"}),  # per-layer closed form (checked on the first traced update)
     ("meta_grad", {"unroll": 3}),
     ("meta_grad", {"unroll": 3, "meta_layers": "last:2"}),
     ("mwnet", {}),
