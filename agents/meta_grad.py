@@ -15,9 +15,11 @@ along grad L_val(theta'). Method ``layerwise`` gets them without the JVP, from w
 already computed: for a layer z = f(a; W, b) affine in its parameters and computed sample by sample
 (``nn.Linear``, ``nn.Conv*``), sample i's gradient paired with a direction (G_W, G_b) is
 <dl_i/dz_i, f(a_i; G_W, G_b)>, one forward of the layer with the direction as its parameters, whose
-input and output gradient the env recorded during the real step (``Transition.layers``). Students with
-BatchNorm (which mixes the samples of a batch) or layers of other kinds take the JVP instead, and the
-closed form is checked against the JVP on each student's first traced update. B > 1 (method ``graph``) hands the env weights that carry their graph, so
+input and output gradient the env recorded during the real step (``Transition.layers``). Students
+with BatchNorm (which mixes the samples of a batch) or layers of other kinds take the JVP instead,
+and the closed form is checked against the JVP on each student's first traced update. ``auto``
+keeps the JVP at B = 1, so that the committed B = 1 runs reproduce bit for bit (the two differ by
+float rounding only). B > 1 (method ``graph``) hands the env weights that carry their graph, so
 the real updates are built differentiably (``create_graph``) and the validation loss back-propagates
 through them directly; ``replay`` instead recomputes the B updates from their recorded starting
 points (the straightforward reference both fast paths are tested against).
@@ -55,8 +57,8 @@ on tuning students (seeds 1000-1004, never reported; ``suites/defaults_mnist1d.y
   96.0); it ends with final held-out accuracy on symmetric noise 60.0 against 52.3 (mnist1d) and 95.8
   against 89.2 (digits), level on pair-flip (59.6 / 59.8, 91.8 / 92.0), with higher AUROC in all four
   (e.g. 0.98 against 0.87 on digits / symmetric), at 1.0x to 1.2x B = 1's cost per student update
-  (``benchmarks/teach_step.py``, 2026-11-29: 6.54x against 6.39x a plain step on mlp / mnist1d, 4.15x
-  against 3.38x on cnn / MNIST): one meta step every five updates through all five of them, instead
+  (``benchmarks/teach_step.py`` as committed in ef51852: 6.54x against 6.39x a plain step on mlp /
+  mnist1d, 4.15x against 3.38x on cnn / MNIST): one meta step every five updates through all five of them, instead
   of one through each. B = 1 (``jvp``, no double backward) stays the cheap path for ``--meta-layers
   head``; the layers suites pass ``unroll: 1``, and the transfer search, run at B = 1 before this
   default changed, tries B = 5 as its last coordinate.
