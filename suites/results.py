@@ -475,11 +475,14 @@ def section(name: str, out: Path | None) -> list[str]:
             f"## Suite `{name}`: the meta-gradient through the last layers only", "",
             f"Report: [`docs/results/{name}/report.md`](results/{name}/report.md). `meta_grad@head` and "
             "`meta_grad@last2` take the exact meta-gradient through an update of the output layer (the last two "
-            "layers) only (`--meta-layers head`, `last:2`); every variant, the row `meta_grad` (all layers) included, runs at "
+            "layers) only (`--meta-layers head`, `last:2`); `meta_grad@layerwise` takes the all-layer meta-gradient by the "
+            "per-layer closed form instead of the JVP (`--method layerwise`: equal up to float rounding, so its row shows "
+            "how far rounding alone moves a run); every variant, the row `meta_grad` (all layers) included, runs at "
             "B = 1 (the one-step meta-gradient whose cost the head path cuts; `--unroll 1`) and, on both settings, at the "
             "hyper-parameters the matching suite tuned for `meta_grad` on its first setting when B = 1 was the default "
             "(commit d3d6f34; the yaml names them); differences paired by seed against all layers. "
-            "`time x` is measured while two runs share the 2 cores; `benchmarks/teach_step.py` gives the clean ratios.", "",
+            "`time x` is measured while two runs share the 2 cores, and the `layerwise` rows ran in a later session than "
+            "the others: `benchmarks/teach_step.py` gives the clean ratios.", "",
             *variant_table(out), "",
         ]  # fmt: skip
     report = (out / "report.md").read_text()
