@@ -81,7 +81,7 @@ from agents.base import Teacher, as_tensor_obs
 from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
 from runconfig import field
 from students.functional import WEIGHT_SUM_EPS, Params, parameter_layers, sgd_update
-from students.handle import LayerRecord, StudentHandle, Transition
+from students.handle import AFFINE_LAYERS, LayerRecord, StudentHandle, Transition
 from students.models import head_input, make_student
 
 # PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
@@ -245,6 +245,7 @@ class MetaGradTeacher(Teacher):
         self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)
         self._head_checked: tuple[Any, bool] = (None, False)  # (student, whether head_alignment applies to it)
         self._layerwise_checked: tuple[Any, bool] = (None, False)  # (student, whether layerwise_alignment fits it)
+        self._traced: tuple[Any, frozenset[str] | None] = (None, None)  # (student, the layers layerwise records on it)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hp.seed)
             self.net = WeightNet(
@@ -373,7 +374,7 @@ class MetaGradTeacher(Teacher):
                 return self.weights(self.with_alignment(obs))
         self._pending = self.weights(self.with_alignment(obs))
         if self.method == "layerwise" and self.handle is not None:  # the env records the next batch's layers
-            self.handle.trace_layers = not has_batch_norm(self.handle.student.model)
+            self.handle.traced_layers = self.layers_to_trace()
         if self.method != "graph":
             return self._pending.detach()
         if self.handle is not None:  # the env keeps the graph of these layers' updates only
@@ -435,13 +436,24 @@ class MetaGradTeacher(Teacher):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         return val_loss.detach(), grads
 
+    def layers_to_trace(self) -> frozenset[str] | None:
+        """The attached student's affine layers whose records ``layerwise`` reads (module names), or None where
+        it does not apply: the student normalises over the batch, a parameter the meta-gradient goes through
+        is not in an affine layer (warned once per student), or the closed form failed its check on it."""
+        student = self.handle.student
+        if self._layerwise_checked[0] is student and not self._layerwise_checked[1]:
+            return None
+        if self._traced[0] is not student:
+            self._traced = (student, affine_layers_covering(student.model, self.meta_layers()))
+        return self._traced[1]
+
     def one_step_alignment(
         self, last: Transition, weights: torch.Tensor, val_indices: torch.Tensor, layers: frozenset[str] | None
     ) -> tuple[torch.Tensor, torch.Tensor, Params]:
         """(a, L_val(after), grad L_val(after)) for the B = 1 update ``last``, by the cheapest exact path the
         student allows: the output layer's closed form, the per-layer one (``layerwise``), or the JVP. The
-        per-layer form is checked against the JVP on each student's first traced update (one host read per
-        student); a student it does not fit (one whose layers mix samples) gets the JVP, with a warning."""
+        per-layer form is checked against the JVP on each student's first traced update (three host reads, once
+        per student); a student it does not fit (one whose layers mix samples) gets the JVP, with a warning."""
         handle = self.handle
         if self.head_closed_form(last):
             return head_alignment(handle, last, handle.params, val_indices)
@@ -455,7 +467,12 @@ class MetaGradTeacher(Teacher):
             if checked:
                 return fast
             exact = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
-            fits = torch.allclose(fast[0], exact[0], rtol=1e-3, atol=1e-4 * float(exact[0].abs().max()))
+            reference = exact[0]
+            if not bool(torch.isfinite(reference).all()):  # a diverging student tells nothing: check a later update
+                return exact
+            # a sample of weight exactly 0 needs no alignment (the closed form gives it 0): compared elsewhere
+            candidate = torch.where(weights > 0, fast[0], reference)
+            fits = torch.allclose(candidate, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()))
             if not fits:
                 warnings.warn(
                     "the per-layer inner products of method 'layerwise' differ from the JVP's on this student (do its "
@@ -559,6 +576,7 @@ def layerwise_alignment(
     that underflowed to 0 passes no gradient back to the teacher)."""
     val_loss, direction = validation_gradient(handle, after, val_indices, layers)
     with torch.no_grad():
+        weights = weights.to(transition.layers[0].output_grad.dtype)  # as the env's update took them
         weighted = torch.zeros_like(weights)
         for record in transition.layers:
             names = layer_parameters(record)
@@ -580,9 +598,27 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(tuple(range(1, a.dim())))
 
 
-def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` normalises over the batch, so that a sample's loss depends on the others'."""
-    return any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)) for m in model.modules())
+def affine_layers_covering(model: nn.Module, layers: frozenset[str] | None) -> frozenset[str] | None:
+    """The names of ``model``'s affine layers (``AFFINE_LAYERS``) that hold the parameters ``layers`` (all
+    of them when None), or None where those layers cannot give every sample's gradient: ``model`` normalises
+    over the batch (BatchNorm: a sample's loss depends on the others'), or some of those parameters sit in a
+    layer of another kind (warned)."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    wanted = set(dict(model.named_parameters())) if layers is None else set(layers)
+    owners = {}
+    for name, module in model.named_modules():
+        if type(module) in AFFINE_LAYERS:
+            owners |= {f"{name}.{p}" if name else p: name for p, _ in module.named_parameters(recurse=False)}
+    missing = sorted(wanted - set(owners))
+    if missing:
+        warnings.warn(
+            f"method 'layerwise' needs the parameters the meta-gradient goes through in Linear or Conv layers; "
+            f"{missing[0]} is not in one: it takes the JVP",
+            stacklevel=4,
+        )
+        return None
+    return frozenset(owners[p] for p in wanted)
 
 
 def head_alignment(

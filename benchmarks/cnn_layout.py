@@ -29,19 +29,27 @@ def nchw_relu_then_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Round 1: NCHW throughout, the textbook ReLU then max-pool."""
     h = F.max_pool2d(F.relu(model.conv1(x)), 2)
     h = F.max_pool2d(F.relu(model.conv2(h)), 2)
-    return model.head(F.relu(model.fc(h.flatten(1))))
+    return head(model, h)
 
 
 def channels_last_pooling(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """28f31f5 to 2026-11-29: NCHW convolutions, each map copied to channels-last for pooling, pooled before the ReLU."""
+    """28f31f5 to 1877a6f: each map copied to channels-last for pooling, pooled before the ReLU. The first
+    convolution ran NCHW (its one-channel input's layout is ambiguous, so it stayed NCHW), the second
+    channels-last (its input is the pooled channels-last map), so the copy did work only after the first."""
     h = F.relu(F.max_pool2d(model.conv1(x).contiguous(memory_format=torch.channels_last), 2))
     h = F.relu(F.max_pool2d(model.conv2(h).contiguous(memory_format=torch.channels_last), 2))
+    return head(model, h)
+
+
+def head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The layers after the convolutions, with the pooled conv features the student also returns."""
+    h.flatten(2).mean(-1)
     return model.head(F.relu(model.fc(h.flatten(1))))
 
 
 LAYOUTS = {
     "NCHW, relu then pool": nchw_relu_then_pool,
-    "NCHW conv, channels-last pool": channels_last_pooling,
+    "NCHW first conv, channels-last pool": channels_last_pooling,
     "channels-last throughout (now)": lambda model, x: model(x)[0],
 }
 

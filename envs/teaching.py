@@ -394,7 +394,7 @@ class TeachingEnv(gym.Env):
         handle = state["handle"] = copy.copy(self.handle)
         handle.params = {n: p.detach() for n, p in self.handle.params.items()}
         handle.momentum = {n: m.detach() for n, m in self.handle.momentum.items()}
-        handle.batch_losses, handle.batch_outputs, handle.last_transition = None, None, None
+        handle.batch_losses, handle.batch_outputs, handle.last_transition, handle.batch_layers = None, None, None, None
         state["_mid_episode"] = self.episode_in_progress
         return state
 

@@ -7,9 +7,11 @@ the last update taken. Teachers that need more than the Gym API receive the hand
 
 The graph-carrying weights of the B > 1 (``graph``) path are part of this contract: an action that
 ``requires_grad`` makes the env build its update differentiably, so ``params`` then carry the
-teacher's graph until the teacher calls ``detach()``. So is ``trace_layers``: a teacher that sets it
-gets, with each update, its affine layers' inputs and the gradients at their outputs
-(``Transition.layers``), the makings of every sample's gradient without a per-sample backward.
+teacher's graph until the teacher calls ``detach()``. So is ``traced_layers``: a teacher that names
+some of the student's affine layers there gets, with each later update that is not differentiable,
+those layers' inputs and the gradients at their outputs (``Transition.layers``), the makings of every
+sample's gradient without a per-sample backward. The batch a forward has already taken is not
+recorded, so the first update after the teacher names them (and each episode's first) has none.
 Everything else leaves the student's state untouched (BatchNorm statistics included).
 """
 
@@ -29,7 +31,8 @@ from students.functional import FunctionalStudent, Params, SGDConfig, sgd_update
 from students.models import head_input
 
 # modules whose output is an affine function of their parameters, computed sample by sample: for these the
-# per-sample gradient of a loss is the layer's input times the gradient at its output (``LayerRecord``)
+# per-sample gradient of a loss is the layer's input times the gradient at its output (``LayerRecord``).
+# Exact types: a subclass (weight standardisation, a parametrisation) need not be affine in its parameters.
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -77,9 +80,9 @@ class StudentHandle:
         # which parameters a differentiable update keeps the graph for (None: all); a teacher whose
         # meta-gradient goes through some layers only sets it, and the others' updates stay fixed
         self.differentiable_params: frozenset[str] | None = None
-        # set by a teacher that reads the real update's per-layer inputs and output gradients (``Transition.layers``):
-        # batch forwards then record them; cleared with every new student
-        self.trace_layers = False
+        # the affine layers (module names) whose inputs and output gradients a teacher reads from the real
+        # update (``Transition.layers``): batch forwards record them; None records nothing; cleared with every student
+        self.traced_layers: frozenset[str] | None = None
         self.batch_layers: list[LayerRecord] | None = None
         self.last_transition: Transition | None = None
         self.lr_now = sgd.lr  # learning rate of the next update (the env sets it as its schedule advances)
@@ -97,7 +100,7 @@ class StudentHandle:
         self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
         self.val_head_grad = None
         self.diverged = torch.zeros_like(self.diverged)
-        self.differentiable_params, self.trace_layers, self.batch_layers = None, False, None
+        self.differentiable_params, self.traced_layers, self.batch_layers = None, None, None
         self._val_generator.manual_seed(val_seed)
 
     # ------------------------------------------------------------------ what the env does with it
@@ -115,8 +118,8 @@ class StudentHandle:
     def _forward_losses(self, buffers: Params) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Forward the current batch under ``params`` and keep its losses and outputs for the update."""
         x, y = self.pool.x[self.batch_indices], self.pool.y[self.batch_indices]
-        self.batch_layers = [] if self.trace_layers else None
-        with recording_layers(self.student.model, self.batch_layers):
+        self.batch_layers = None if self.traced_layers is None else []
+        with recording_layers(self.student.model, self.traced_layers, self.batch_layers):
             logits, hidden = self.student.forward(self.params, buffers, x, train=True)
         self.batch_losses = F.cross_entropy(logits, y, reduction="none")
         self.batch_outputs = (logits.detach(), head_input(hidden).detach())
@@ -131,6 +134,8 @@ class StudentHandle:
         finite = torch.isfinite(loss)
         apply = finite if valid is None else finite & valid
         self.diverged |= ~finite if valid is None else ~finite & valid  # a bad action is the teacher's fault
+        if differentiable:  # records of a differentiable update would hold its graph, and no one reads them
+            self.batch_layers = None
         grads = torch.autograd.grad(loss, list(self.params.values()), create_graph=differentiable)
         layers = None if self.batch_layers is None else tuple(self.batch_layers)
         self.last_transition = Transition(
@@ -199,6 +204,7 @@ class StudentHandle:
             "val_generator": self._val_generator.get_state(), "batch_indices": self.batch_indices.cpu(),
             "diverged": self.diverged.cpu(),
             **({"val_head_grad": cpu(self.val_head_grad)} if self.val_head_grad is not None else {}),
+            **({"traced_layers": sorted(self.traced_layers)} if self.traced_layers is not None else {}),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
@@ -212,13 +218,16 @@ class StudentHandle:
         # a divergence not yet read at an evaluation (absent from states saved before it was kept)
         self.diverged = state.get("diverged", torch.zeros((), dtype=torch.bool)).to(device)
         self.val_head_grad = to(state["val_head_grad"]) if "val_head_grad" in state else None
+        # the current batch is recorded again, so that the next update has the records it had before the checkpoint
+        self.traced_layers = frozenset(state["traced_layers"]) if "traced_layers" in state else None
         self.refresh_batch()
 
 
 @contextmanager
-def recording_layers(model: nn.Module, records: list[LayerRecord] | None) -> Iterator[None]:
-    """Within the block, each call of one of ``model``'s affine layers appends a ``LayerRecord`` to ``records``
-    (its output gradient filled in by the next backward through it); nothing when ``records`` is None."""
+def recording_layers(model: nn.Module, names: frozenset[str] | None, records: list[LayerRecord] | None) -> Iterator[None]:
+    """Within the block, each call of one of ``model``'s affine layers named in ``names`` appends a
+    ``LayerRecord`` to ``records`` (its output gradient filled in by the next backward through it);
+    nothing when ``records`` is None."""
     if records is None:
         yield
         return
@@ -232,7 +241,7 @@ def recording_layers(model: nn.Module, records: list[LayerRecord] | None) -> Ite
     hooks = [
         module.register_forward_hook(partial(record, name))
         for name, module in model.named_modules()
-        if isinstance(module, AFFINE_LAYERS)
+        if name in names and type(module) in AFFINE_LAYERS
     ]
     try:
         yield

@@ -1,6 +1,8 @@
 """Layer-restricted meta-gradients (``meta_grad --meta-layers``): exact through the restricted update
 (finite differences in float64, written independently of the code under test), the closed-form head
-path equal to the generic one, the env's graph path equal to the replay, and bad specs refused."""
+path equal to the generic one, the env's graph path equal to the replay, and bad specs refused. The
+per-layer closed form of the B = 1 meta-gradient (``--method layerwise``) equals the JVP, and where it
+does not apply the teacher falls back to the JVP."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch.nn import functional as F
 import agents.meta_grad
 from agents.meta_grad import (
     MetaGradTeacher,
+    affine_layers_covering,
     head_alignment,
     meta_parameters,
     unrolled_val_loss,
@@ -246,25 +249,28 @@ def test_a_non_finite_meta_gradient_leaves_the_teacher_and_its_optimiser_untouch
 
 LAYERWISE_STUDENTS = {
     "mlp": dict(student="mlp", student_kwargs={"hidden": [6, 5]}),
-    "cnn-2d": dict(dataset="mnist", student="cnn", student_kwargs={"channels": [3, 4], "fc": 6}, train_size=200),
+    "cnn-2d": dict(student="cnn", student_kwargs={"channels": [3, 4], "fc": 6}),  # digits: 1 x 8 x 8, channels-last
     "cnn-1d": dict(dataset="mnist1d", student="cnn", student_kwargs={"channels": [3, 4], "fc": 6}),
 }
+SPREAD = [1.0, 0.0, 0.3, 1e-9, 0.8, 0.05, 1.0, 0.6]  # orders of magnitude apart, one exactly 0
+BELOW_EPS = [1e-10] * 8  # sum under WEIGHT_SUM_EPS: the weighted mean's denominator is the clamp
 
 
 def _traced_update(student: str, weights: torch.Tensor):
     """A float64 env (momentum, weight decay, cosine schedule) whose last update was taken with ``weights``
-    and recorded layer by layer (``handle.trace_layers``); returns (handle, that update, validation batch)."""
-    config = LAYERWISE_STUDENTS[student]
-    if config.get("dataset") == "mnist":
-        from tests.conftest import MNIST_ROOT
-
-        if not (MNIST_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
-            pytest.skip("real MNIST not found")
-        config = {**config, "data_root": str(MNIST_ROOT)}
-    env = make_tensor_env(**config, batch_size=8, dtype="float64", momentum=0.9, weight_decay=1e-3, lr=0.05, lr_schedule="cosine")
+    and recorded layer by layer (``handle.traced_layers``); returns (handle, that update, validation batch)."""
+    env = make_tensor_env(
+        **LAYERWISE_STUDENTS[student],
+        batch_size=8,
+        dtype="float64",
+        momentum=0.9,
+        weight_decay=1e-3,
+        lr=0.05,
+        lr_schedule="cosine",
+    )
     env.reset(seed=0)
     handle = env.unwrapped.handle
-    handle.trace_layers = True  # the next batch's forward (taken inside this step) is recorded
+    handle.traced_layers = affine_layers_covering(handle.student.model, None)  # from the next batch's forward on
     for _ in range(3):
         env.step(torch.full((8,), 0.5, dtype=torch.float64))
     env.step(weights)
@@ -273,11 +279,13 @@ def _traced_update(student: str, weights: torch.Tensor):
 
 @pytest.mark.parametrize("student", list(LAYERWISE_STUDENTS))
 @pytest.mark.parametrize("spec", ["all", "last:2"])
-def test_layerwise_inner_products_equal_the_jvp_at_weights_far_from_uniform(student, spec):
+@pytest.mark.parametrize("weights", [SPREAD, BELOW_EPS], ids=["spread", "below-eps"])
+def test_layerwise_inner_products_equal_the_jvp_at_weights_far_from_uniform(student, spec, weights):
     """The per-layer closed form divides the recorded gradients of the *weighted* loss by each sample's share
-    w_i / S: at weights that differ by orders of magnitude (one of them exactly 0, whose alignment is not
-    needed and comes out 0), it equals the JVP of the unweighted per-sample losses, in float64."""
-    weights = torch.tensor([1.0, 0.0, 0.3, 1e-9, 0.8, 0.05, 1.0, 0.6], dtype=torch.float64)
+    w_i / max(S, eps): at weights that differ by orders of magnitude (one of them exactly 0, whose alignment is
+    not needed and comes out 0), and at weights whose sum is below eps, it equals the JVP of the unweighted
+    per-sample losses, in float64."""
+    weights = torch.tensor(weights, dtype=torch.float64)
     handle, last, val_indices = _traced_update(student, weights)
     layers = meta_parameters(handle.params, spec)
     assert agents.meta_grad.records_cover(last, handle.params, layers)
@@ -286,42 +294,83 @@ def test_layerwise_inner_products_equal_the_jvp_at_weights_far_from_uniform(stud
     assert float(exact.std()) > 0.1 * float(exact.abs().max()), "the samples' alignments must differ"
     kept = weights > 0
     torch.testing.assert_close(fast[kept], exact[kept], rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
-    assert float(fast[~kept].abs().max()) == 0.0
+    assert float(fast[~kept].abs().sum()) == 0.0
     assert torch.equal(fast_loss, exact_loss) and fast_grad.keys() == exact_grad.keys()
+
+
+@pytest.mark.parametrize("student", ["mlp", "cnn-2d"])
+def test_the_teacher_gradient_by_layerwise_equals_the_jvp_one(student):
+    """End to end, through the teacher's own meta step: two identical teachers, far from uniform, on two
+    identical float64 envs, one by the JVP and one by the per-layer closed form, get the same gradient."""
+    grads = {}
+    for method in ("jvp", "layerwise"):
+        env = make_tensor_env(**LAYERWISE_STUDENTS[student], batch_size=8, dtype="float64", lr=0.05, lr_schedule="cosine")
+        teacher = far_from_uniform(MetaGradTeacher(unroll=1, hidden=8, method=method, seed=0).train())
+        teacher.net.double()
+        teacher.attach(env.unwrapped.handle)
+        obs, _ = env.reset(seed=0)
+        for _ in range(2):
+            obs, *_ = env.step(teacher.act({k: v.double() for k, v in obs.items()}))
+        weights = teacher._pending.detach()
+        assert float(weights.std() / weights.mean()) > 0.2, "the test needs weights far from uniform"
+        teacher._window.append((env.unwrapped.handle.last_transition, teacher._pending))
+        env.unwrapped.handle._val_generator.manual_seed(123)
+        _, grads[method] = teacher.meta_gradient()
+    assert teacher._layerwise_checked == (env.unwrapped.handle.student, True), "the closed form was taken"
+    scale = max(float(g.abs().max()) for g in grads["jvp"])
+    assert scale > 0
+    for a, b in zip(grads["layerwise"], grads["jvp"]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * scale)
 
 
 def test_the_teacher_takes_the_layerwise_path_checks_it_once_and_falls_back_where_it_does_not_fit(monkeypatch):
     """``method layerwise``: on a student's first traced update the teacher checks the closed form against the
-    JVP (and trusts it afterwards, never running the JVP); a student it does not fit (here a record whose
-    output gradients belong to other samples, as a layer mixing the batch would give) gets the JVP, with a
-    warning; a BatchNorm student is never traced."""
+    JVP (and trusts it afterwards, never running the JVP); on a student it does not fit (here a record whose
+    output gradients belong to other samples, as a layer mixing the batch would give) it returns the JVP's
+    values, warns, and stops recording that student's layers; a BatchNorm student is never recorded."""
     env = make_tensor_env(batch_size=16)
-    teacher = MetaGradTeacher(unroll=1, method="layerwise", seed=0).train().attach(env.unwrapped.handle)
+    handle = env.unwrapped.handle
+    teacher = MetaGradTeacher(unroll=1, method="layerwise", seed=0).train().attach(handle)
     obs, _ = env.reset(seed=0)
     for _ in range(3):
         obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
         teacher.observe(reward, terminated, info)
-    assert teacher._layerwise_checked == (env.unwrapped.handle.student, True)
+    assert teacher._layerwise_checked == (handle.student, True)
 
-    def generic(*args, **kwargs):
-        raise AssertionError("the JVP ran")
+    def refused(*args, **kwargs):
+        raise AssertionError("this path ran")
 
     with monkeypatch.context() as patched:
-        patched.setattr(agents.meta_grad, "validation_alignment", generic)
+        patched.setattr(agents.meta_grad, "validation_alignment", refused)
         obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
         teacher.observe(reward, terminated, info)  # a checked student: the closed form alone
     obs, _ = env.reset(seed=1)  # a new student: checked again, on a record made not to fit
     env.step(teacher.act(obs))
-    obs, _, _, _, info = env.step(teacher.act(obs))
-    last = env.unwrapped.handle.last_transition
-    record = last.layers[0]
-    record.output_grad = record.output_grad.flip(0)
-    teacher._window.append((last, teacher._pending))
+    obs, *_ = env.step(teacher.act(obs))
+    last = handle.last_transition
+    last.layers[0].output_grad = last.layers[0].output_grad.flip(0)
+    val_indices = handle.val_indices(teacher.hp.val_batch)
     with pytest.warns(UserWarning, match="differ from the JVP's"):
-        teacher.meta_step()
-    assert teacher._layerwise_checked == (env.unwrapped.handle.student, False)
+        got = teacher.one_step_alignment(last, teacher._pending.detach(), val_indices, None)
+    expected = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
+    assert torch.equal(got[0], expected[0]), "it returned the JVP's inner products"
+    assert teacher._layerwise_checked == (handle.student, False)
+    teacher.act(obs)
+    assert handle.traced_layers is None, "a student the closed form does not fit is no longer recorded"
     bn = make_tensor_env(batch_size=16, student="resnet20", student_kwargs={"width": 2})
     teacher = MetaGradTeacher(unroll=1, method="layerwise", seed=0).train().attach(bn.unwrapped.handle)
     obs, _ = bn.reset(seed=0)
     bn.step(teacher.act(obs))
-    assert not bn.unwrapped.handle.trace_layers and bn.unwrapped.handle.last_transition.layers is None
+    assert bn.unwrapped.handle.traced_layers is None and bn.unwrapped.handle.last_transition.layers is None
+
+
+def test_layerwise_needs_the_meta_layers_in_affine_layers():
+    """Parameters outside Linear / Conv layers (here a LayerNorm's) make ``layerwise`` refuse with a warning,
+    unless the meta-gradient leaves them out (``last:k``); BatchNorm refuses silently (it mixes samples)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2, bias=False))
+    with pytest.warns(UserWarning, match="1.bias is not in one"):
+        assert agents.meta_grad.affine_layers_covering(model, None) is None
+    assert agents.meta_grad.affine_layers_covering(model, frozenset({"2.weight"})) == {"2"}
+    assert agents.meta_grad.affine_layers_covering(torch.nn.Linear(3, 2), None) == {""}
+    with_bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    assert agents.meta_grad.affine_layers_covering(with_bn, frozenset({"0.weight", "0.bias"})) is None

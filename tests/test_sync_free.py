@@ -54,7 +54,9 @@ def test_a_teaching_step_reads_nothing_back_to_the_host(monkeypatch, agent, opti
     env = make_tensor_env(**student, horizon=40, eval_every=20)
     teacher = make_agent(agent, **options)
     run = start(env, teacher.train(teacher.kind == "online"), seed=0)
-    teach(run, 4)  # first-use paths (lazy initialisation, optimiser state) are not a step's cost
+    teach(run, 4)  # first-use paths (lazy initialisation, optimiser state, layerwise's check) are not a step's cost
+    if options.get("method") == "layerwise":  # the steps below take the per-layer closed form, or BatchNorm's JVP
+        assert teacher._layerwise_checked[1] == (not student)
     calls = count_host_reads(monkeypatch)
     teach(run, 12)  # steps 5..16: no evaluation among them
     assert not calls, f"{len(calls)} host reads in 12 teaching steps: {calls[:5]}"
@@ -125,7 +127,9 @@ def test_a_pending_bad_action_and_divergence_survive_a_checkpoint():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch.cuda.set_sync_debug_mode")
-@pytest.mark.parametrize("agent,options", TEACHERS[:4], ids=["uniform", "meta_grad", "meta_grad-head", "meta_grad-B3"])
+@pytest.mark.parametrize(
+    "agent,options", TEACHERS[:5], ids=["uniform", "meta_grad", "meta_grad-B1", "meta_grad-head", "meta_grad-layerwise"]
+)
 def test_on_a_gpu_a_teaching_step_never_synchronises(agent, options):
     env = make_tensor_env(device="cuda", horizon=40, eval_every=20)
     run = start(env, make_agent(agent, **options).to("cuda").train(agent != "uniform"), seed=0)
