@@ -706,6 +706,12 @@ class MetaWeightNetOptions:
     val_batch: int = field(256, "clean validation samples per meta-gradient", low=1)
     init_weight: float = field(0.9, "initial weight of every sample", above=0.0, below=1.0)
     meta_layers: str = field("all", META_LAYERS_HELP)
+    method: str = field(
+        "auto",
+        "path of its one-step meta-gradient: auto (jvp), jvp, or layerwise (the per-sample inner products from the "
+        "real step's per-layer inputs and output gradients, no JVP)",
+        choices=["auto", *ONE_STEP_METHODS],
+    )
     seed: int = field(0, "seeds the teacher network's initialisation", low=0)
 
 
@@ -714,7 +720,7 @@ class MetaWeightNetTeacher(MetaGradTeacher):
     meta-gradient. The same machinery as ``meta_grad`` with surface loss as the only input."""
 
     reads_internal = False  # the loss alone
-    legacy_options = {}
+    legacy_options = {"method": "auto"}  # runs (and keys) from before the option existed took the JVP
 
     name = "mwnet"
     Options = MetaWeightNetOptions

@@ -1,7 +1,8 @@
 """Cost of teaching: a plain student step against one full teaching step (teacher acts, the env
 takes the weighted student update, the teacher takes its meta-gradient step) for ``meta_grad``
 with B = 1 (by its JVP and by its ``layerwise`` closed form), 3, 5 and through the output layer
-only (``--meta-layers head``), ``mwnet`` and ``l2rw``, side by side in one process. Milliseconds per student step, ratio to the plain step, peak
+only (``--meta-layers head``), ``mwnet`` (by the JVP and by ``layerwise``) and ``l2rw``, side by
+side in one process. Milliseconds per student step, ratio to the plain step, peak
 GPU memory per teacher (CUDA), and the max RSS of each config's process (each config runs in a
 fresh process, so that one config's memory does not count towards another's).
 
@@ -48,6 +49,7 @@ TEACHERS = {
     "meta_grad B=3": ("meta_grad", {"unroll": 3}),
     "meta_grad B=5": ("meta_grad", {"unroll": 5}),
     "mwnet": ("mwnet", {}),
+    "mwnet layerwise": ("mwnet", {"method": "layerwise"}),
     "l2rw": ("l2rw", {}),
 }
 

@@ -15,6 +15,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import agents.meta_grad
+from agents import make_agent
 from agents.meta_grad import (
     MetaGradTeacher,
     affine_layers_covering,
@@ -374,3 +375,15 @@ def test_layerwise_needs_the_meta_layers_in_affine_layers():
     assert agents.meta_grad.affine_layers_covering(torch.nn.Linear(3, 2), None) == {""}
     with_bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     assert agents.meta_grad.affine_layers_covering(with_bn, frozenset({"0.weight", "0.bias"})) is None
+
+
+def test_mwnet_takes_the_layerwise_path_when_asked():
+    """Meta-Weight-Net's one-step meta-gradient by the per-layer closed form: checked against the JVP on the
+    first recorded update, and taken."""
+    env = make_tensor_env(batch_size=16)
+    teacher = make_agent("mwnet", method="layerwise").train().attach(env.unwrapped.handle)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
+        teacher.observe(reward, terminated, info)
+    assert teacher._layerwise_checked == (env.unwrapped.handle.student, True)
