@@ -370,6 +370,8 @@ class MetaGradTeacher(Teacher):
 
     def act(self, obs: dict) -> torch.Tensor:
         if not self.training:
+            if self.method == "layerwise" and self.handle is not None:  # a frozen teacher reads no records
+                self.handle.traced_layers = None
             with torch.no_grad():
                 return self.weights(self.with_alignment(obs))
         self._pending = self.weights(self.with_alignment(obs))
@@ -438,10 +440,13 @@ class MetaGradTeacher(Teacher):
 
     def layers_to_trace(self) -> frozenset[str] | None:
         """The attached student's affine layers whose records ``layerwise`` reads (module names), or None where
-        it does not apply: the student normalises over the batch, a parameter the meta-gradient goes through
-        is not in an affine layer (warned once per student), or the closed form failed its check on it."""
+        it does not apply: the output layer's closed form is taken instead (once its premise is checked), the
+        student normalises over the batch, a parameter the meta-gradient goes through is not in an affine layer
+        of its own (warned once per student), or the closed form failed its check on this student."""
         student = self.handle.student
         if self._layerwise_checked[0] is student and not self._layerwise_checked[1]:
+            return None
+        if self._head_checked == (student, True) and self.meta_layers() == set(HEAD):  # the closed form needs none
             return None
         if self._traced[0] is not student:
             self._traced = (student, affine_layers_covering(student.model, self.meta_layers()))
@@ -458,11 +463,15 @@ class MetaGradTeacher(Teacher):
         if self.head_closed_form(last):
             return head_alignment(handle, last, handle.params, val_indices)
         checked = self._layerwise_checked[0] is handle.student
-        if (
-            self.method == "layerwise"
-            and (not checked or self._layerwise_checked[1])
-            and records_cover(last, handle.params, layers)
-        ):
+        if self.method == "layerwise" and (not checked or self._layerwise_checked[1]) and last.layers:
+            if not records_cover(last, handle.params, layers):  # a recorded layer not called, or not per sample
+                warnings.warn(
+                    "method 'layerwise' found no per-sample records of every layer the meta-gradient goes through on "
+                    "this student: it takes the JVP",
+                    stacklevel=3,
+                )
+                self._layerwise_checked = (handle.student, False)
+                return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
             fast = layerwise_alignment(handle, last, weights, handle.params, val_indices, layers)
             if checked:
                 return fast
@@ -470,8 +479,8 @@ class MetaGradTeacher(Teacher):
             reference = exact[0]
             if not bool(torch.isfinite(reference).all()):  # a diverging student tells nothing: check a later update
                 return exact
-            # a sample of weight exactly 0 needs no alignment (the closed form gives it 0): compared elsewhere
-            candidate = torch.where(weights > 0, fast[0], reference)
+            # a sample of no share needs no alignment (the closed form gives it 0): compared elsewhere
+            candidate = torch.where(weight_shares(weights.to(reference.dtype)) > 0, fast[0], reference)
             fits = torch.allclose(candidate, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()))
             if not fits:
                 warnings.warn(
@@ -583,9 +592,15 @@ def layerwise_alignment(
             if all(name in direction for name in names.values()):
                 along = functional_call(record.module, {local: direction[name] for local, name in names.items()}, (record.input,))
                 weighted = weighted + per_sample_dot(along, record.output_grad)
-        share = weights / weights.sum().clamp(min=WEIGHT_SUM_EPS)
+        share = weight_shares(weights)
         inner = torch.where(share > 0, weighted / share, torch.zeros_like(weighted))
     return inner, val_loss, direction
+
+
+def weight_shares(weights: torch.Tensor) -> torch.Tensor:
+    """Each sample's share w_i / max(sum w, eps) of a weighted update: the factor of its loss in the update's
+    objective (``FunctionalStudent.weighted_loss``)."""
+    return weights / weights.sum().clamp(min=WEIGHT_SUM_EPS)
 
 
 def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -601,9 +616,19 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def affine_layers_covering(model: nn.Module, layers: frozenset[str] | None) -> frozenset[str] | None:
     """The names of ``model``'s affine layers (``AFFINE_LAYERS``) that hold the parameters ``layers`` (all
     of them when None), or None where those layers cannot give every sample's gradient: ``model`` normalises
-    over the batch (BatchNorm: a sample's loss depends on the others'), or some of those parameters sit in a
-    layer of another kind (warned)."""
+    over the batch (BatchNorm: a sample's loss depends on the others'), shares a parameter between layers
+    (warned), or some of those parameters sit in a layer of another kind (warned)."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    shared = next((names for names in names_of.values() if len(names) > 1), None)
+    if shared:  # a layer's record would be matched to the parameter's first name only
+        warnings.warn(
+            f"method 'layerwise' needs each parameter in one layer; {' and '.join(shared)} are one: it takes the JVP",
+            stacklevel=4,
+        )
         return None
     wanted = set(dict(model.named_parameters())) if layers is None else set(layers)
     owners = {}

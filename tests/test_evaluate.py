@@ -508,3 +508,11 @@ def test_an_option_written_out_at_its_resolved_value_is_the_same_pre_training(tm
     assert len(handed) == 4, "the written-out default reused both pre-trainings; the other value made two more"
     assert all("--unroll" not in argv for argv in handed[:2])
     assert all(argv[argv.index("--unroll") + 1] == str(default_unroll + 1) for argv in handed[2:])
+
+
+def test_mwnet_runs_recorded_before_its_method_option_keep_their_keys():
+    """mwnet's ``method`` came later: at its legacy value (auto, the JVP its old runs took) a key leaves it out,
+    as those runs' keys do; another value is written out, so it names another run."""
+    assert "method" not in evaluate.recorded_options("mwnet", {})
+    assert "method" not in evaluate.recorded_options("mwnet", {"method": "auto"})
+    assert evaluate.recorded_options("mwnet", {"method": "layerwise"})["method"] == "layerwise"
