@@ -244,7 +244,6 @@ class MetaGradTeacher(Teacher):
         parse_meta_layers(self.hp.meta_layers)  # refuse a malformed spec now, not at the first meta step
         self._layers: tuple[tuple[str, ...], frozenset[str] | None] | None = None  # (student's names, chosen)
         self._head_checked: tuple[Any, bool] = (None, False)  # (student, whether head_alignment applies to it)
-        self._layerwise_checked: tuple[Any, bool] = (None, False)  # (student, whether layerwise_alignment fits it)
         self._traced: tuple[Any, frozenset[str] | None] = (None, None)  # (student, the layers layerwise records on it)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hp.seed)
@@ -444,7 +443,7 @@ class MetaGradTeacher(Teacher):
         student normalises over the batch, a parameter the meta-gradient goes through is not in an affine layer
         of its own (warned once per student), or the closed form failed its check on this student."""
         student = self.handle.student
-        if self._layerwise_checked[0] is student and not self._layerwise_checked[1]:
+        if self.handle.layerwise_fits is False:
             return None
         if self._head_checked == (student, True) and self.meta_layers() == set(HEAD):  # the closed form needs none
             return None
@@ -462,18 +461,17 @@ class MetaGradTeacher(Teacher):
         handle = self.handle
         if self.head_closed_form(last):
             return head_alignment(handle, last, handle.params, val_indices)
-        checked = self._layerwise_checked[0] is handle.student
-        if self.method == "layerwise" and (not checked or self._layerwise_checked[1]) and last.layers:
+        if self.method == "layerwise" and handle.layerwise_fits is not False and last.layers:
             if not records_cover(last, handle.params, layers):  # a recorded layer not called, or not per sample
                 warnings.warn(
                     "method 'layerwise' found no per-sample records of every layer the meta-gradient goes through on "
                     "this student: it takes the JVP",
                     stacklevel=3,
                 )
-                self._layerwise_checked = (handle.student, False)
+                handle.layerwise_fits = False
                 return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
             fast = layerwise_alignment(handle, last, weights, handle.params, val_indices, layers)
-            if checked:
+            if handle.layerwise_fits:
                 return fast
             exact = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
             reference = exact[0]
@@ -488,7 +486,7 @@ class MetaGradTeacher(Teacher):
                     "layers mix the samples of a batch?): it takes the JVP",
                     stacklevel=3,
                 )
-            self._layerwise_checked = (handle.student, fits)
+            handle.layerwise_fits = fits  # kept with the student's state (and its checkpoints)
             return fast if fits else exact
         return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
 

@@ -12,6 +12,7 @@ some of the student's affine layers there gets, with each later update that is n
 those layers' inputs and the gradients at their outputs (``Transition.layers``), the makings of every
 sample's gradient without a per-sample backward. The batch a forward has already taken is not
 recorded, so the first update after the teacher names them (and each episode's first) has none.
+Whether the records fit the student (``layerwise_fits``, the teacher's check) is kept with its state.
 Everything else leaves the student's state untouched (BatchNorm statistics included).
 """
 
@@ -83,6 +84,9 @@ class StudentHandle:
         # the affine layers (module names) whose inputs and output gradients a teacher reads from the real
         # update (``Transition.layers``): batch forwards record them; None records nothing; cleared with every student
         self.traced_layers: frozenset[str] | None = None
+        # whether those layers' records gave this student's per-sample inner products (checked once against the JVP by
+        # the teacher that reads them; None: not yet)
+        self.layerwise_fits: bool | None = None
         self.batch_layers: list[LayerRecord] | None = None
         self.last_transition: Transition | None = None
         self.lr_now = sgd.lr  # learning rate of the next update (the env sets it as its schedule advances)
@@ -100,7 +104,7 @@ class StudentHandle:
         self.batch_indices, self.batch_losses, self.batch_outputs, self.last_transition = None, None, None, None
         self.val_head_grad = None
         self.diverged = torch.zeros_like(self.diverged)
-        self.differentiable_params, self.traced_layers, self.batch_layers = None, None, None
+        self.differentiable_params, self.traced_layers, self.batch_layers, self.layerwise_fits = None, None, None, None
         self._val_generator.manual_seed(val_seed)
 
     # ------------------------------------------------------------------ what the env does with it
@@ -205,6 +209,7 @@ class StudentHandle:
             "diverged": self.diverged.cpu(),
             **({"val_head_grad": cpu(self.val_head_grad)} if self.val_head_grad is not None else {}),
             **({"traced_layers": sorted(self.traced_layers)} if self.traced_layers is not None else {}),
+            **({"layerwise_fits": self.layerwise_fits} if self.layerwise_fits is not None else {}),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
@@ -220,6 +225,7 @@ class StudentHandle:
         self.val_head_grad = to(state["val_head_grad"]) if "val_head_grad" in state else None
         # the current batch is recorded again, so that the next update has the records it had before the checkpoint
         self.traced_layers = frozenset(state["traced_layers"]) if "traced_layers" in state else None
+        self.layerwise_fits = state.get("layerwise_fits")
         self.refresh_batch()
 
 

@@ -318,7 +318,7 @@ def test_the_teacher_gradient_by_layerwise_equals_the_jvp_one(student):
         teacher._window.append((env.unwrapped.handle.last_transition, teacher._pending))
         env.unwrapped.handle._val_generator.manual_seed(123)
         _, grads[method] = teacher.meta_gradient()
-    assert teacher._layerwise_checked == (env.unwrapped.handle.student, True), "the closed form was taken"
+    assert env.unwrapped.handle.layerwise_fits, "the closed form was taken"
     scale = max(float(g.abs().max()) for g in grads["jvp"])
     assert scale > 0
     for a, b in zip(grads["layerwise"], grads["jvp"]):
@@ -337,7 +337,7 @@ def test_the_teacher_takes_the_layerwise_path_checks_it_once_and_falls_back_wher
     for _ in range(3):
         obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
         teacher.observe(reward, terminated, info)
-    assert teacher._layerwise_checked == (handle.student, True)
+    assert handle.layerwise_fits is True
 
     def refused(*args, **kwargs):
         raise AssertionError("this path ran")
@@ -356,9 +356,13 @@ def test_the_teacher_takes_the_layerwise_path_checks_it_once_and_falls_back_wher
         got = teacher.one_step_alignment(last, teacher._pending.detach(), val_indices, None)
     expected = validation_alignment(handle, last.params, handle.params, last.indices, val_indices)
     assert torch.equal(got[0], expected[0]), "it returned the JVP's inner products"
-    assert teacher._layerwise_checked == (handle.student, False)
+    assert handle.layerwise_fits is False
     teacher.act(obs)
     assert handle.traced_layers is None, "a student the closed form does not fit is no longer recorded"
+    state = handle.state_dict()
+    handle.layerwise_fits = None
+    handle.load_state_dict(state, torch.device("cpu"))
+    assert handle.layerwise_fits is False, "the verdict survives a checkpoint, as the student does"
     bn = make_tensor_env(batch_size=16, student="resnet20", student_kwargs={"width": 2})
     teacher = MetaGradTeacher(unroll=1, method="layerwise", seed=0).train().attach(bn.unwrapped.handle)
     obs, _ = bn.reset(seed=0)
@@ -417,4 +421,4 @@ def test_mwnet_takes_the_layerwise_path_when_asked():
     for _ in range(3):
         obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
         teacher.observe(reward, terminated, info)
-    assert teacher._layerwise_checked == (env.unwrapped.handle.student, True)
+    assert env.unwrapped.handle.layerwise_fits is True

@@ -57,7 +57,7 @@ def test_a_teaching_step_reads_nothing_back_to_the_host(monkeypatch, agent, opti
     teach(run, 4)  # first-use paths (lazy initialisation, optimiser state, layerwise's check) are not a step's cost
     if options.get("method") == "layerwise":  # the steps below take the per-layer closed form, or BatchNorm's JVP
         traced = run.env.unwrapped.handle.traced_layers
-        assert teacher._layerwise_checked[1] and traced if not student else traced is None
+        assert run.env.unwrapped.handle.layerwise_fits and traced if not student else traced is None
     calls = count_host_reads(monkeypatch)
     teach(run, 12)  # steps 5..16: no evaluation among them
     assert not calls, f"{len(calls)} host reads in 12 teaching steps: {calls[:5]}"
