@@ -144,7 +144,10 @@ class EvalConfig(EnvSetting, StudentTraining):
                 raise ValueError(
                     f"--agent-options names {agent!r}, which is neither in --agents ({self.agents}) nor --leave-one-out"
                 )
-            make_agent(base_agent(agent), **options_for(base_agent(agent), values))  # refuses bad options by name
+            try:  # refuses bad options by name
+                make_agent(base_agent(agent), **options_for(base_agent(agent), values))
+            except ValueError as e:
+                raise ValueError(f"--agent-options {agent}: {e}") from None
         for path in self.teacher_paths:
             if not Path(path).exists():
                 raise ValueError(f"--teachers: {path} does not exist (expected a runs/<name>/ folder or a teacher.pt)")

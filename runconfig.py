@@ -12,7 +12,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -214,10 +214,18 @@ def _flag_parser(tp: Any, meta: dict[str, Any]) -> Any:
     return yaml_value if tp is dict else tp
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose bad input is one line on stderr, ``prog: error: ...`` and exit 2, like every other error
+    of these commands (argparse's own puts the whole usage block first; ``--help`` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass ``cls`` (all defaulting to None,
     so that flags given explicitly can override a ``--config`` file)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = OneLineErrorParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file presetting any of the fields below; flags win")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

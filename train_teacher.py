@@ -416,11 +416,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (ValueError, DatasetNotFoundError, CheckpointError) as e:
         fail(str(e))
     except Interrupted as e:
-        print(
-            f"train_teacher.py: interrupted at step {e.step} (last checkpoint: step {e.checkpoint}); "
-            f"resume with --resume --out {run_dir}",
-            file=sys.stderr,
+        resume = (
+            f"(last checkpoint: step {e.checkpoint}); resume with --resume --out {run_dir}"
+            if (run_dir / "teacher.pt").exists()
+            else "before its first checkpoint: nothing to resume; run the command again"
         )
+        print(f"train_teacher.py: interrupted at step {e.step} {resume}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # outside the training loop: while building, or in an RL run's final summary
         saved = (run_dir / "teacher.pt").exists()

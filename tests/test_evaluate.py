@@ -211,6 +211,10 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
             ],
             "must map setting -> {option: value}",
         ),
+        (
+            ["--agents", "uniform,mwnet@g", "--agent-options", "{mwnet@g: {method: graph}}"],
+            "--agent-options mwnet@g: method must be one of auto, jvp, layerwise; got 'graph'",  # names the entry
+        ),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--thresholds", "half"], "--thresholds must be comma-separated numbers"),
     ],
@@ -218,6 +222,7 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
 def test_bad_input_exits_2_with_one_message(capsys, tmp_path, argv, message):
     err = _exit_2(capsys, tmp_path, *argv)
     assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and ": error: " in err, f"one line, no usage block: {err!r}"
     assert not (tmp_path / "report").exists()
 
 

@@ -77,6 +77,22 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_interruption_before_the_first_checkpoint_does_not_suggest_resuming(tmp_path, monkeypatch, capsys):
+    real_step = TeachingEnv.step
+
+    def crash_at_5(self, action):
+        if self.t == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, action)
+
+    monkeypatch.setattr(TeachingEnv, "step", crash_at_5)
+    with pytest.raises(SystemExit) as interrupted:
+        _run(tmp_path, "--agent", "meta_grad", name="early")
+    assert interrupted.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 5 before its first checkpoint: nothing to resume" in err and "--resume" not in err
+
+
 def _exit_message(capsys, tmp_path, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         train_teacher.main(["--out", str(tmp_path / "bad"), *TINY_ARGS, *argv])
@@ -98,11 +114,14 @@ def _exit_message(capsys, tmp_path, *argv: str) -> str:
         (["--dataset", "mnist", "--data-root", "/nonexistent"], "--download"),  # missing data
         (["--resume"], "--resume needs a checkpoint"),  # nothing to resume
         (["--agent", "meta_grad", "--method", "jvp"], "pass unroll 1 with it"),  # the one-step path at the default B = 5
+        (["--agent", "uniform", "--method", "layerwise"], "option method does not apply to agent 'uniform'"),
+        (["--agent", "mwnet", "--method", "graph"], "method must be one of auto, jvp, layerwise; got 'graph'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_clear_message(capsys, tmp_path, argv, message):
     err = _exit_message(capsys, tmp_path, *argv)
     assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and ": error: " in err, f"one line, no usage block: {err!r}"
 
 
 def test_config_file_is_read_and_flags_win(tmp_path):
