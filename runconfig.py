@@ -117,7 +117,11 @@ class EnvSetting:
     noise_rate: float = field(0.4, "fraction of training labels corrupted, in [0, 1)", low=0, below=1)
     seed: int = field(0, "seeds data split, label noise, student, teacher and batch order", low=0)
     device: str = field("auto", "auto (CUDA when available), cpu or cuda", choices=["auto", "cpu", "cuda"])
-    data_root: str | None = field(None, "folder holding torchvision-style datasets (e.g. ../shared/data)")
+    data_root: str | None = field(
+        None,
+        "folder holding torchvision-style datasets (e.g. ../shared/data)",
+        default_text="./data, from where the command runs",
+    )
     download: bool = field(False, "let torchvision download a missing dataset")
 
 
