@@ -1,6 +1,8 @@
 """Cost of the environment: one ``Teaching-v0`` step (uniform weights, observations on) against one
 step of a plain PyTorch training loop on the same student, data and batch size, measured side by
-side in one process. Target: env step <= 1.25x the plain step.
+side in one process, and the step's parts timed the same way: the functional forward of a batch,
+forward plus the weighted update, and the surface and internal-state features on a forwarded batch
+(what bounds the step where it misses its target). Target: env step <= 1.25x the plain step.
 
     python benchmarks/env_overhead.py [--device cuda] [--dataset mnist1d --student mlp]
 """
@@ -34,7 +36,30 @@ def measure(dataset: str, student: str, batch_size: int, device: torch.device, c
         calls, rounds, device,
     )  # fmt: skip
     add_ratios(timings, "plain loop", "ratio_to_plain")
-    return {"dataset": dataset, "student": student, "batch_size": batch_size, "timings": timings}
+    parts = interleaved(step_parts(env_tensor.unwrapped, ones), calls, rounds, device)
+    add_ratios(parts, "plain loop", "ratio_to_plain")
+    return {"dataset": dataset, "student": student, "batch_size": batch_size, "timings": timings, "parts": parts}
+
+
+def step_parts(env, ones: torch.Tensor) -> dict:
+    """The env step's parts as closures on ``env`` (its sampler's batches, its handle, its feature builder),
+    beside a plain step of its own: each runs the part alone, so that the step's time can be read as a sum."""
+    handle, features = env.handle, env.features
+    indices = env.sampler.next()
+
+    def update() -> None:
+        handle.forward_batch(indices)
+        handle.update(ones, differentiable=False)
+
+    logits, hidden, labels = handle.forward_batch(indices)
+    logits, hidden = logits.detach(), [h.detach() for h in hidden.values()]
+    return {
+        "plain loop": plain_training_step(env, env.student_name, len(ones), ones.device),
+        "forward": lambda: handle.forward_batch(indices),
+        "forward + update": update,
+        "surface features": lambda: features.samples(logits, labels, indices),
+        "internal features": lambda: features.internal(hidden, labels),
+    }
 
 
 def main() -> None:
@@ -54,9 +79,9 @@ def main() -> None:
     }
     for r in result["results"]:
         print(f"{r['dataset']}/{r['student']} batch {r['batch_size']} on {device}:")
-        for name, t in r["timings"].items():
+        for name, t in [*r["timings"].items(), *(("part: " + k, v) for k, v in r["parts"].items() if k != "plain loop")]:
             print(
-                f"  {name:18s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain, rounds x{t['ratio_to_plain_min']:.2f}-{t['ratio_to_plain_max']:.2f})"
+                f"  {name:24s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain, rounds x{t['ratio_to_plain_min']:.2f}-{t['ratio_to_plain_max']:.2f})"
             )
     if not args.no_save:
         print("saved", save("env_overhead", result))
