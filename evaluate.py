@@ -50,6 +50,7 @@ from runconfig import (
     EnvSetting,
     StudentTraining,
     coerce,
+    exit_on_bad_input,
     field,
     parse_config,
     setting_label,
@@ -594,8 +595,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         sweep = Sweep(cfg.backend, cfg.workers, cfg.ray_address, cfg.job_cpus, cfg.job_gpus)
         sweep.connect()
     except (ValueError, CheckpointError, DatasetNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_bad_input("evaluate.py", str(e))
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -617,8 +617,7 @@ def benchmark(cfg: EvalConfig, sweep: Sweep, out: Path, tuning: list[Job]) -> li
         try:
             check_before_training(cfg, [job for job in report_jobs(cfg, {}, held_out) if job.teacher_path])
         except (ValueError, CheckpointError) as e:
-            print(f"evaluate.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            exit_on_bad_input("evaluate.py", str(e))
     jobs = report_jobs(cfg, chosen, held_out)
     finished = sweep.run(jobs, run_job, out, "students", cfg.progress, canonical_key)
     results = [finished[job.key] for job in jobs if job.key in finished]

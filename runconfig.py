@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import itertools
 import math
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -218,12 +220,23 @@ def _flag_parser(tp: Any, meta: dict[str, Any]) -> Any:
     return yaml_value if tp is dict else tp
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exit_on_bad_input(prog: str, message: str) -> NoReturn:
+    """The commands' answer to bad input: one line on stderr, ``prog: error: ...``, exit code 2, no traceback.
+    Messages that quote another library's (YAML's caret diagrams, torch's coloured multi-line errors) are
+    folded onto the line."""
+    print(f"{prog}: error: {' '.join(ANSI_ESCAPE.sub('', message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose bad input is one line on stderr, ``prog: error: ...`` and exit 2, like every other error
-    of these commands (argparse's own puts the whole usage block first; ``--help`` shows it)."""
+    """argparse whose bad input gets ``exit_on_bad_input``'s one line (argparse's own puts the whole usage
+    block first; ``--help`` shows it)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        exit_on_bad_input(self.prog, message)
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:

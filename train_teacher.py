@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -36,6 +36,7 @@ from runconfig import (
     StudentTraining,
     build_parser,
     check_fields,
+    exit_on_bad_input,
     explicit_values,
     field,
     parse_config,
@@ -340,10 +341,9 @@ class Interrupted(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
-def fail(message: str) -> None:
-    """Exit like argparse does on bad input: one line on stderr, exit code 2, no traceback."""
-    print(f"train_teacher.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2, no traceback (``runconfig.exit_on_bad_input``)."""
+    exit_on_bad_input("train_teacher.py", message)
 
 
 def steps_for_epochs(cfg: Any) -> int:

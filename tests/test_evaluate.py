@@ -139,7 +139,9 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
     with pytest.raises(SystemExit) as info:
         _evaluate(tmp_path, *argv)
     assert info.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err, f"one line, no usage block: {err!r}"
+    return err
 
 
 @pytest.mark.parametrize(
@@ -222,7 +224,6 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
 def test_bad_input_exits_2_with_one_message(capsys, tmp_path, argv, message):
     err = _exit_2(capsys, tmp_path, *argv)
     assert message in err and "Traceback" not in err
-    assert err.count("\n") == 1 and ": error: " in err, f"one line, no usage block: {err!r}"
     assert not (tmp_path / "report").exists()
 
 

@@ -97,7 +97,9 @@ def _exit_message(capsys, tmp_path, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         train_teacher.main(["--out", str(tmp_path / "bad"), *TINY_ARGS, *argv])
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err, f"one line, no usage block: {err!r}"
+    return err
 
 
 @pytest.mark.parametrize(
@@ -121,7 +123,6 @@ def _exit_message(capsys, tmp_path, *argv: str) -> str:
 def test_bad_flags_exit_2_with_one_clear_message(capsys, tmp_path, argv, message):
     err = _exit_message(capsys, tmp_path, *argv)
     assert message in err and "Traceback" not in err
-    assert err.count("\n") == 1 and ": error: " in err, f"one line, no usage block: {err!r}"
 
 
 def test_config_file_is_read_and_flags_win(tmp_path):
@@ -169,7 +170,8 @@ def test_corrupt_checkpoint_gives_a_clear_error(capsys, tmp_path, damage):
         load_teacher(path)
     with pytest.raises(SystemExit):
         _run(tmp_path, "--agent", "meta_grad", "--resume")
-    assert "not a readable l2t-gym checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a readable l2t-gym checkpoint" in err and err.count("\n") == 1, "torch's own message folded onto one line"
 
 
 def test_checkpoint_for_another_env_is_refused_by_name(tmp_path):
