@@ -81,7 +81,7 @@ from agents.base import Teacher, as_tensor_obs
 from envs.observation import GLOBAL_FEATURES, INTERNAL_FEATURES, SAMPLE_FEATURES
 from runconfig import field
 from students.functional import WEIGHT_SUM_EPS, Params, parameter_layers, sgd_update
-from students.handle import AFFINE_LAYERS, LayerRecord, StudentHandle, Transition
+from students.handle import AFFINE_LAYERS, StudentHandle, Transition
 from students.models import head_input, make_student
 
 # PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use; the
@@ -461,6 +461,10 @@ class MetaGradTeacher(Teacher):
         handle = self.handle
         if self.head_closed_form(last):
             return head_alignment(handle, last, handle.params, val_indices)
+
+        def by_jvp() -> tuple[torch.Tensor, torch.Tensor, Params]:
+            return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+
         if self.method == "layerwise" and handle.layerwise_fits is not False and last.layers:
             if not records_cover(last, handle.params, layers):  # a recorded layer not called, or not per sample
                 warnings.warn(
@@ -469,11 +473,11 @@ class MetaGradTeacher(Teacher):
                     stacklevel=3,
                 )
                 handle.layerwise_fits = False
-                return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+                return by_jvp()
             fast = layerwise_alignment(handle, last, weights, handle.params, val_indices, layers)
             if handle.layerwise_fits:
                 return fast
-            exact = validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+            exact = by_jvp()
             reference = exact[0]
             if not bool(torch.isfinite(reference).all()):  # a diverging student tells nothing: check a later update
                 return exact
@@ -488,7 +492,7 @@ class MetaGradTeacher(Teacher):
                 )
             handle.layerwise_fits = fits  # kept with the student's state (and its checkpoints)
             return fast if fits else exact
-        return validation_alignment(handle, last.params, handle.params, last.indices, val_indices, layers)
+        return by_jvp()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -552,10 +556,11 @@ def validation_gradient(
     return val_loss.detach(), dict(zip(names, torch.autograd.grad(val_loss, [params[n] for n in names])))
 
 
-def layer_parameters(record: LayerRecord) -> dict[str, str]:
-    """The student's name of each parameter of ``record``'s layer, keyed by the layer's own name for it."""
-    prefix = f"{record.name}." if record.name else ""
-    return {local: prefix + local for local, _ in record.module.named_parameters()}
+def layer_parameters(name: str, module: nn.Module) -> dict[str, str]:
+    """The student's name of each parameter of its layer ``module`` (named ``name`` in the student), keyed by
+    the layer's own name for it."""
+    prefix = f"{name}." if name else ""
+    return {local: prefix + local for local, _ in module.named_parameters()}
 
 
 def records_cover(transition: Transition, params: Params, layers: frozenset[str] | None) -> bool:
@@ -564,7 +569,7 @@ def records_cover(transition: Transition, params: Params, layers: frozenset[str]
     records = transition.layers
     if not records or any(r.output_grad is None or r.output_grad.shape[0] != len(transition.indices) for r in records):
         return False
-    recorded = {name for r in records for name in layer_parameters(r).values()}
+    recorded = {name for r in records for name in layer_parameters(r.name, r.module).values()}
     return recorded >= (set(params) if layers is None else set(layers))
 
 
@@ -586,7 +591,7 @@ def layerwise_alignment(
         weights = weights.to(transition.layers[0].output_grad.dtype)  # as the env's update took them
         weighted = torch.zeros_like(weights)
         for record in transition.layers:
-            names = layer_parameters(record)
+            names = layer_parameters(record.name, record.module)
             if all(name in direction for name in names.values()):
                 along = functional_call(record.module, {local: direction[name] for local, name in names.items()}, (record.input,))
                 weighted = weighted + per_sample_dot(along, record.output_grad)
@@ -632,7 +637,7 @@ def affine_layers_covering(model: nn.Module, layers: frozenset[str] | None) -> f
     owners = {}
     for name, module in model.named_modules():
         if type(module) in AFFINE_LAYERS:
-            owners |= {f"{name}.{p}" if name else p: name for p, _ in module.named_parameters(recurse=False)}
+            owners |= dict.fromkeys(layer_parameters(name, module).values(), name)
     missing = sorted(wanted - set(owners))
     if missing:
         warnings.warn(
