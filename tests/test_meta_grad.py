@@ -31,16 +31,21 @@ def far_from_uniform(teacher: MetaGradTeacher, seed: int = 0) -> MetaGradTeacher
     return teacher
 
 
-def _rollout(student: str, unroll: int, seed: int = 0):
-    """A float64 env (cosine learning-rate schedule) and a teacher whose weights are far from uniform,
-    after ``unroll`` real steps; returns what the meta-gradient needs."""
-    env = make_tensor_env(
-        **STUDENTS[student], batch_size=8, dtype="float64", weight_decay=1e-3, momentum=0.9, lr=0.05, lr_schedule="cosine"
-    )
-    teacher = far_from_uniform(MetaGradTeacher(unroll=unroll, hidden=8, method="replay", seed=seed).train())
+def float64_teacher(student: dict, unroll: int, method: str, seed: int = 0, **env_options):
+    """A float64 env of ``student`` (batch 8, cosine schedule from lr 0.05) reset with ``seed``, and a float64
+    teacher far from uniform attached to it; returns (env, teacher, first observation)."""
+    env = make_tensor_env(**student, batch_size=8, dtype="float64", lr=0.05, lr_schedule="cosine", **env_options)
+    teacher = far_from_uniform(MetaGradTeacher(unroll=unroll, hidden=8, method=method, seed=seed).train())
     teacher.net.double()
     teacher.attach(env.unwrapped.handle)
     obs, _ = env.reset(seed=seed)
+    return env, teacher, obs
+
+
+def _rollout(student: str, unroll: int, seed: int = 0):
+    """A float64 env (cosine learning-rate schedule) and a teacher whose weights are far from uniform,
+    after ``unroll`` real steps; returns what the meta-gradient needs."""
+    env, teacher, obs = float64_teacher(STUDENTS[student], unroll, "replay", seed, weight_decay=1e-3, momentum=0.9)
     for _ in range(2):  # leave the first step, so that momentum buffers are non-zero
         obs, *_ = env.step(torch.ones(8))
     observations, transitions = [], []
@@ -259,11 +264,7 @@ def test_graph_path_through_real_updates_equals_the_replay(student):
     uniform, cosine schedule, so that every parameter's gradient is non-trivial)."""
     grads = {}
     for method in ("graph", "replay"):
-        env = make_tensor_env(**STUDENTS[student], batch_size=8, dtype="float64", lr=0.05, lr_schedule="cosine", horizon=6)
-        teacher = far_from_uniform(MetaGradTeacher(unroll=3, hidden=8, method=method, seed=0).train())
-        teacher.net.double()
-        teacher.attach(env.unwrapped.handle)
-        obs, _ = env.reset(seed=0)
+        env, teacher, obs = float64_teacher(STUDENTS[student], 3, method, horizon=6)
         for _ in range(3):
             obs, *_ = env.step(teacher.act({k: v.double() for k, v in obs.items()}))
             teacher._window.append((env.unwrapped.handle.last_transition, teacher._pending))

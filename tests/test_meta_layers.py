@@ -26,7 +26,7 @@ from agents.meta_grad import (
     weight_gradient,
 )
 from tests.conftest import make_tensor_env
-from tests.test_meta_grad import STUDENTS, _rollout, far_from_uniform
+from tests.test_meta_grad import STUDENTS, _rollout, far_from_uniform, float64_teacher
 
 
 def restricted_val_loss(handle, transition, weights: torch.Tensor, val_indices: torch.Tensor, layers: frozenset) -> torch.Tensor:
@@ -306,11 +306,7 @@ def test_the_teacher_gradient_by_layerwise_equals_the_jvp_one(student):
     identical float64 envs, one by the JVP and one by the per-layer closed form, get the same gradient."""
     grads = {}
     for method in ("jvp", "layerwise"):
-        env = make_tensor_env(**LAYERWISE_STUDENTS[student], batch_size=8, dtype="float64", lr=0.05, lr_schedule="cosine")
-        teacher = far_from_uniform(MetaGradTeacher(unroll=1, hidden=8, method=method, seed=0).train())
-        teacher.net.double()
-        teacher.attach(env.unwrapped.handle)
-        obs, _ = env.reset(seed=0)
+        env, teacher, obs = float64_teacher(LAYERWISE_STUDENTS[student], 1, method)
         for _ in range(2):
             obs, *_ = env.step(teacher.act({k: v.double() for k, v in obs.items()}))
         weights = teacher._pending.detach()

@@ -46,19 +46,26 @@ def test_meta_grad_logs_its_meta_loss_and_unroll_is_respected(tmp_path):
     assert load_teacher(tmp_path / "run").hp.unroll == 3
 
 
+def killed_at(monkeypatch: pytest.MonkeyPatch, step: int):
+    """Make every env's step number ``step`` raise KeyboardInterrupt (a simulated kill); returns the real
+    ``TeachingEnv.step``, to put back."""
+    real_step = TeachingEnv.step
+
+    def step_or_die(self, action):
+        if self.t == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, action)
+
+    monkeypatch.setattr(TeachingEnv, "step", step_or_die)
+    return real_step
+
+
 @pytest.mark.parametrize("method", [[], ["--unroll", "1", "--method", "layerwise"]], ids=["default", "layerwise"])
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys, method):
     """Also for ``layerwise``, whose records of the current batch the checkpoint must bring back (without them
     the first update after resuming takes the JVP, which differs from the closed form by rounding)."""
     reference = _run(tmp_path, "--agent", "meta_grad", *method, name="whole")
-    real_step = TeachingEnv.step
-
-    def crash_at_45(self, action):
-        if self.t == 45:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, action)
-
-    monkeypatch.setattr(TeachingEnv, "step", crash_at_45)
+    real_step = killed_at(monkeypatch, 45)
     with pytest.raises(SystemExit) as interrupted:
         _run(tmp_path, "--agent", "meta_grad", *method, name="cut")
     monkeypatch.setattr(TeachingEnv, "step", real_step)
@@ -78,14 +85,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
 
 
 def test_an_interruption_before_the_first_checkpoint_does_not_suggest_resuming(tmp_path, monkeypatch, capsys):
-    real_step = TeachingEnv.step
-
-    def crash_at_5(self, action):
-        if self.t == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(self, action)
-
-    monkeypatch.setattr(TeachingEnv, "step", crash_at_5)
+    killed_at(monkeypatch, 5)
     with pytest.raises(SystemExit) as interrupted:
         _run(tmp_path, "--agent", "meta_grad", name="early")
     assert interrupted.value.code == 130
