@@ -80,7 +80,7 @@ class Teacher:
     reference: ClassVar[bool] = False  # a reference that reads diagnostics (the oracle), never a teacher
     env_overrides: ClassVar[dict[str, Any]] = {}  # Teaching-v0 arguments this agent needs (clean-data baselines)
     # whether it reads the observation's internal-state features: True, False, or the name of the option
-    # (its teacher inputs) whose value "all" means it does
+    # (its teacher inputs) whose value "all" or "local" means it does
     reads_internal: ClassVar[bool | str] = True
     # options added after checkpoints of this agent were first written, with the value that reproduces
     # a teacher saved without them (its config lacks the key)
@@ -104,7 +104,7 @@ class Teacher:
         ``reads_internal``): the env computes it only for those that do."""
         if isinstance(cls.reads_internal, str):
             default = {f.name: f.default for f in dataclasses.fields(cls.Options)}[cls.reads_internal]
-            return options.get(cls.reads_internal, default) == "all"
+            return options.get(cls.reads_internal, default) in ("all", "local")
         return cls.reads_internal
 
     @classmethod
@@ -274,8 +274,9 @@ SET_BY_THE_RUN = ("seed",)  # options the CLIs fill from the run itself, never f
 
 def option_fields() -> list[tuple[str, Any, Any]]:
     """One optional field per teacher option in the registry, for ``dataclasses.make_dataclass``: the
-    CLIs' teacher flags. Its help names the agents that have the option and their defaults; an
-    unset flag (None) leaves each agent at its own default."""
+    CLIs' teacher flags. Its help names the agents that have the option (each group of agents that
+    describe it alike before their description) and their defaults; an unset flag (None) leaves
+    each agent at its own default."""
     merged: dict[str, dict[str, Any]] = {}
     for agent in AGENTS:
         options = agent_class(agent).Options
@@ -283,13 +284,14 @@ def option_fields() -> list[tuple[str, Any, Any]]:
         for f in dataclasses.fields(options):
             if f.name in SET_BY_THE_RUN:
                 continue
-            entry = merged.setdefault(f.name, {"type": hints[f.name], "help": f.metadata["help"], "defaults": {}, "choices": []})
+            entry = merged.setdefault(f.name, {"type": hints[f.name], "helps": {}, "defaults": {}, "choices": []})
+            entry["helps"].setdefault(f.metadata["help"], []).append(agent)
             entry["defaults"][agent] = f.default
             entry["choices"] += [c for c in f.metadata.get("choices", []) if c not in entry["choices"]]
     fields = []
     for option, entry in merged.items():
         meta = {
-            "help": f"{'/'.join(entry['defaults'])}: {entry['help']}",
+            "help": "; ".join(f"{'/'.join(agents)}: {text}" for text, agents in entry["helps"].items()),
             "default_text": ", ".join(f"{agent} {value}" for agent, value in entry["defaults"].items()),
         }
         if entry["choices"]:

@@ -95,7 +95,9 @@ def test_help_names_each_default_once(capsys):
         train_teacher.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.1) (default" not in text and "(default: None) (default" not in text
-    assert "meta_grad/mwnet/reinforce/ppo/a2c: teacher learning rate" in text
+    # agents that describe an option alike share one description; the others get their own
+    assert "meta_grad/mwnet/reinforce: teacher learning rate (Adam); ppo/a2c: teacher learning rate (SB3's" in text
+    assert "graph, replay; mwnet: path of its one-step meta-gradient: auto (jvp), jvp, or layerwise" in text
     assert "meta_grad 0.03, mwnet 0.003, reinforce 0.01, ppo 0.0003, a2c 0.0003" in text
 
 
