@@ -574,8 +574,9 @@ def failed_jobs(out: Path, missing: list[Job]) -> list[dict[str, str]]:
 
 def parse_args(argv: list[str]) -> EvalConfig:
     """The benchmark's configuration from command-line arguments (a suite is a config file with a grid)."""
-    argv = ["--config" if a == "--suite" else a for a in argv]
-    return parse_config(EvalConfig, argv, __doc__.splitlines()[0] + " (--suite FILE.yaml: a --config file with a grid)")
+    return parse_config(
+        EvalConfig, argv, __doc__.splitlines()[0] + " (--suite FILE.yaml: a --config file with a grid)", ("--suite", "--config")
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -239,11 +239,27 @@ class OneLineErrorParser(argparse.ArgumentParser):
         exit_on_bad_input(self.prog, message)
 
 
-def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+class ConfigFileAction(argparse.Action):
+    """Stores the YAML file's path and the flag that named it, for messages about the file."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, flag: str | None = None
+    ) -> None:
+        namespace.config, namespace.config_flag = value, flag
+
+
+def build_parser(cls: type, description: str, config_flags: tuple[str, ...] = ("--config",)) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of the dataclass ``cls`` (all defaulting to None,
-    so that flags given explicitly can override a ``--config`` file)."""
+    so that flags given explicitly can override a ``--config`` file, given by any of ``config_flags``)."""
     parser = OneLineErrorParser(description=description, allow_abbrev=False)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file presetting any of the fields below; flags win")
+    parser.add_argument(
+        *config_flags,
+        dest="config",
+        type=Path,
+        default=None,
+        action=ConfigFileAction,
+        help="YAML file presetting any of the fields below; flags win",
+    )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _flag_type(hints[f.name])
@@ -260,11 +276,11 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
+def parse_config(cls: type, argv: list[str] | None, description: str, config_flags: tuple[str, ...] = ("--config",)) -> Any:
     """Parse ``argv`` into ``cls``: defaults, then the ``--config`` YAML, then explicit flags; every
     value goes through ``check_fields`` and the class's ``validate``. Bad values and unknown YAML
     keys exit through ``parser.error`` (code 2, one line, no traceback)."""
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, config_flags)
     values = explicit_values(parser, cls, argv)
     try:
         config = check_fields(cls(**values), as_flags=True)
@@ -281,25 +297,26 @@ def explicit_values(parser: argparse.ArgumentParser, cls: type, argv: list[str] 
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config is not None:
-        values = read_yaml_config(parser, args.config, cls)
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        values = read_yaml_config(parser, args.config, cls, args.config_flag)
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "config_flag") and v is not None})
     return values
 
 
-def read_yaml_config(parser: argparse.ArgumentParser, path: Path, cls: type) -> dict[str, Any]:
-    """The mapping in the YAML file ``path``; unreadable files and unknown keys exit via ``parser.error``."""
+def read_yaml_config(parser: argparse.ArgumentParser, path: Path, cls: type, flag: str = "--config") -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (given by ``flag``, which messages name); unreadable files and
+    unknown keys exit via ``parser.error``."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
-        parser.error(f"cannot read --config {path}: {e}")
+        parser.error(f"cannot read {flag} {path}: {e}")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        parser.error(f"--config {path} must hold a mapping of field: value, got {type(data).__name__}")
+        parser.error(f"{flag} {path} must hold a mapping of field: value, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        parser.error(f"--config {path} has unknown keys: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        parser.error(f"{flag} {path} has unknown keys: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
     return data
 
 

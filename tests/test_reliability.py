@@ -207,6 +207,7 @@ CLI_CASES = [
     ("cli-resume-shorter", ["--resume", "--out", "RUN", "--steps", "20"], "would shorten it"),
     ("cli-resume-rl-changed-setting", ["--resume", "--agent", "reinforce", "--out", "RL_RUN", "--noise", "pairflip"], "--noise"),
     ("cli-evaluate-thresholds-number", ["EVALUATE", "--config", "THRESHOLDS_YAML"], "--thresholds must be a string"),
+    ("cli-evaluate-suite-unreadable", ["EVALUATE", "--suite", "BROKEN_YAML"], "cannot read --suite"),  # the flag as typed
     ("cli-evaluate-train-size-0", ["EVALUATE", "--train-size", "0"], "--train-size must be >= 1"),
     ("cli-evaluate-val-too-large", ["EVALUATE", "--val-size", "5000"], "more than the"),
     ("cli-evaluate-bad-student-kwargs", ["EVALUATE", "--student-kwargs", "{hiden: [8, 8]}"], "do not fit student 'mlp'"),
