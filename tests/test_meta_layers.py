@@ -418,3 +418,26 @@ def test_mwnet_takes_the_layerwise_path_when_asked():
         obs, reward, terminated, truncated, info = env.step(teacher.act(obs))
         teacher.observe(reward, terminated, info)
     assert env.unwrapped.handle.layerwise_fits is True
+
+
+def test_a_pickled_env_records_the_traced_layers_as_the_original():
+    """Pickling drops the current batch's records with its autograd history; the unpickled env re-forwards the
+    batch with the same layers traced, so its next update's records equal the original's."""
+    import pickle
+
+    env = make_tensor_env(batch_size=8, dtype="float64")
+    env.reset(seed=0)
+    handle = env.unwrapped.handle
+    handle.traced_layers = frozenset({"layers.1", "head"})
+    weights = torch.tensor(SPREAD, dtype=torch.float64)
+    env.step(weights)
+    clone = pickle.loads(pickle.dumps(env))
+    assert clone.unwrapped.handle.traced_layers == handle.traced_layers
+    env.step(weights)
+    clone.step(weights)
+    ours, theirs = handle.last_transition.layers, clone.unwrapped.handle.last_transition.layers
+    assert [r.name for r in ours] == [r.name for r in theirs] == ["layers.1", "head"]
+    for a, b in zip(ours, theirs):
+        assert float(a.output_grad.abs().max()) > 0
+        torch.testing.assert_close(a.input, b.input, rtol=0, atol=0)
+        torch.testing.assert_close(a.output_grad, b.output_grad, rtol=1e-12, atol=1e-12 * float(a.output_grad.abs().max()))
