@@ -88,7 +88,7 @@ from students.models import head_input, make_student
 # warning is about PyTorch internals, not about anything a user of this package can change.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
-FEATURE_SETS = ("all", "surface", "loss")
+FEATURE_SETS = ("all", "local", "surface", "loss")
 # the teacher network's hidden activation; a leaky one keeps a unit that a large step pushed below zero for
 # every input able to recover (with plain ReLU it is dead for good)
 ACTIVATIONS = {"relu": F.relu, "leaky_relu": F.leaky_relu}
@@ -134,11 +134,14 @@ def meta_parameters(params: Params, spec: str) -> frozenset[str] | None:
 
 
 def teacher_inputs(obs: dict[str, torch.Tensor], features: str) -> torch.Tensor:
-    """Per-sample input rows (..., batch, in_dim), also for stacked observations: ``all`` = samples + internal + global, ``surface`` =
+    """Per-sample input rows (..., batch, in_dim), also for stacked observations: ``all`` = samples + internal + global,
+    ``local`` = samples + internal (no training-progress features, whose values differ between datasets), ``surface`` =
     samples + global, ``loss`` = the loss alone (Meta-Weight-Net's input)."""
     samples = obs["samples"]
     if features == "loss":
         return samples[..., :1]
+    if features == "local":
+        return torch.cat([samples, obs["internal"]], -1)
     broadcast = obs["global"].unsqueeze(-2).expand(*samples.shape[:-1], -1)
     parts = [samples, obs["internal"], broadcast] if features == "all" else [samples, broadcast]
     return torch.cat(parts, -1)
@@ -155,7 +158,11 @@ def standardised_within_batch(rows: torch.Tensor, per_sample: torch.Tensor) -> t
 
 def input_size(features: str) -> int:
     """Width of the rows ``teacher_inputs`` builds for ``features``."""
-    sizes = {"loss": 1, "surface": len(SAMPLE_FEATURES) + len(GLOBAL_FEATURES)}
+    sizes = {
+        "loss": 1,
+        "local": len(SAMPLE_FEATURES) + len(INTERNAL_FEATURES),
+        "surface": len(SAMPLE_FEATURES) + len(GLOBAL_FEATURES),
+    }
     return sizes.get(features, len(SAMPLE_FEATURES) + len(INTERNAL_FEATURES) + len(GLOBAL_FEATURES))
 
 
@@ -193,7 +200,11 @@ class WeightNet(nn.Module):
 class MetaGradOptions:
     """Options of the L2T-DIN teacher (``meta_grad``)."""
 
-    features: str = field("all", "teacher inputs: all = internal + surface, surface, or loss alone", choices=list(FEATURE_SETS))
+    features: str = field(
+        "all",
+        "teacher inputs: all = internal + surface + global, local = internal + surface, surface = surface + global, or loss alone",
+        choices=list(FEATURE_SETS),
+    )
     hidden: int = field(64, "hidden units of the teacher network", low=1)
     layers: int = field(2, "hidden layers of the teacher network", low=1)
     context: bool = field(True, "each sample's hidden row also sees the batch mean of the hidden rows")
@@ -345,7 +356,7 @@ class MetaGradTeacher(Teacher):
         features (which ``teacher_inputs`` puts after the per-sample ones, before the alignment input)."""
         width = input_size(self.hp.features)
         columns = torch.ones(width + self.hp.alignment, dtype=torch.bool, device=device)
-        columns[width - (0 if self.hp.features == "loss" else len(GLOBAL_FEATURES)) : width] = False
+        columns[width - (0 if self.hp.features in ("loss", "local") else len(GLOBAL_FEATURES)) : width] = False
         return columns
 
     def with_alignment(self, obs: dict) -> dict:

@@ -346,3 +346,22 @@ def test_standardised_inputs_read_where_a_sample_stands_in_its_batch_not_raw_val
         assert (change < 1e-4) == standardise, f"largest change {change:.2e}"
         moved = teacher.weights({**seen, "global": seen["global"] + 0.5}).detach()
         assert (moved - weights).abs().max() > 1e-3, "the global features are read as they are"
+
+
+@pytest.mark.parametrize("standardise", [False, True])
+def test_local_features_read_the_per_sample_features_and_not_the_global_ones(standardise):
+    """``features="local"`` feeds the samples' surface and internal features (and the alignment) to the teacher,
+    without the training-progress features: changing those leaves the weights exactly as they were; changing a
+    sample's internal features moves them."""
+    env = make_tensor_env(**STUDENTS["mlp"], batch_size=16)
+    obs, _ = env.reset(seed=0)
+    teacher = MetaGradTeacher(features="local", standardise=standardise, hidden=8, seed=0)
+    with torch.no_grad():
+        teacher.net.out.weight.normal_(generator=torch.Generator().manual_seed(0))
+    seen = teacher.attach(env.unwrapped.handle).with_alignment(obs)
+    weights = teacher.weights(seen).detach()
+    assert weights.std() > 1e-3, "the weights differ between samples"
+    assert torch.equal(teacher.weights({**seen, "global": torch.rand_like(seen["global"])}).detach(), weights)
+    internal = seen["internal"].clone()
+    internal[0] = -internal[0]
+    assert (teacher.weights({**seen, "internal": internal}).detach() - weights).abs().max() > 1e-4

@@ -114,6 +114,7 @@ def test_both_clis_share_one_env_setting_with_one_set_of_defaults():
     [
         ("meta_grad", {}, True),
         ("meta_grad", {"features": "surface"}, False),
+        ("meta_grad", {"features": "local"}, True),
         ("meta_grad", {"features": "loss"}, False),
         ("mwnet", {}, False),
         ("l2rw", {}, False),
