@@ -60,6 +60,7 @@ from runconfig import (
 from students.data import DatasetNotFoundError, check_name
 from sweeps import BACKENDS, Sweep, checkpoint_file, read_finished
 
+PRETRAIN_ON = ("others", "own")  # --leave-one-out pre-trains on the grid's other settings, or (the reference) on its own
 TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
 
@@ -87,22 +88,32 @@ class EvalConfig(EnvSetting, StudentTraining):
     )
     leave_one_out: str | None = field(
         None,
-        "pre-train this agent on all settings of the grid but one, and evaluate it frozen on the one left out (its "
-        "--agent-options entry applies to the pre-trainings, and to its online runs if it is in --agents too)",
+        "pre-train this agent on all settings of the grid but one (on that one itself with --pretrain-on own), and "
+        "evaluate it frozen on the one left out (its --agent-options entry applies to the pre-trainings, and to its "
+        "online runs if it is in --agents too)",
+    )
+    pretrain_on: str = field(
+        "others",
+        "--leave-one-out: what each setting's teachers pre-train on: others (the grid's other settings: transfer) or own "
+        "(the setting itself, on the pre-training seeds: the reference, what a frozen teacher pre-trained alike reaches "
+        "with no change of setting)",
+        choices=list(PRETRAIN_ON),
     )
     pretrain_steps: int = field(6000, "--leave-one-out: student updates of each pre-training (episodes of --steps)", low=1)
     pretrain_seed: int = field(10_000, "--leave-one-out: seed of the pre-trainings (disjoint from the reported seeds)", low=0)
     pretrain_seeds: int = field(
         1,
         "--leave-one-out: pre-trainings per held-out setting, on disjoint seed ranges; each is reported as "
-        "<agent>@held-out#k, and the report adds the spread between them (a transfer result varies with the pre-training)",
+        "<agent>@held-out#k (<agent>@own-setting#k with --pretrain-on own), and the report adds the spread between them "
+        "(a transfer result varies with the pre-training)",
         low=1,
     )
     pretrain_options: dict | None = field(
         None,
         "--leave-one-out: options of the pre-trainings per held-out setting, over its --agent-options entry, as YAML "
         "'{dataset/student/noise rate: {option: value}}', e.g. '{digits/mlp/symmetric 0.4: {teacher_lr: 0.03}}' "
-        "(for options chosen without the held-out setting's students)",
+        "(for options chosen without the held-out setting's students; with --pretrain-on own, the options of the "
+        "pre-trainings on that setting)",
     )
     seeds: int = field(3, "reported seeds per (setting, agent): seed, seed + 1, ...", low=1)
     steps: int = field(2000, "student updates per run", low=1)
@@ -162,18 +173,37 @@ class EvalConfig(EnvSetting, StudentTraining):
         _ = self.settings
         if self.leave_one_out is None and self.pretrain_seeds > 1:
             raise ValueError("--pretrain-seeds sets the pre-trainings of --leave-one-out, which is not given")
+        if self.leave_one_out is None and self.pretrain_on != "others":
+            raise ValueError("--pretrain-on sets the pre-trainings of --leave-one-out, which is not given")
+        if self.leave_one_out is not None:
+            self._check_pretrain_seeds()
         if self.leave_one_out is not None:
             check_name("agent", self.leave_one_out, list(AGENTS))
             if agent_class(self.leave_one_out).kind != "online":
                 raise ValueError(f"--leave-one-out pre-trains an online teacher; {self.leave_one_out!r} is not one")
-            if len(self.settings) < 2:
-                raise ValueError("--leave-one-out needs a grid of at least two settings")
+            if self.pretrain_on == "others" and len(self.settings) < 2:
+                raise ValueError("--leave-one-out needs a grid of at least two settings (or --pretrain-on own)")
         self._check_pretrain_options()
         if self.tune and self.tune_seed < self.seed + self.seeds and self.seed < self.tune_seed + self.tune_seeds:
             raise ValueError(
                 f"tuning seeds {self.tune_seed}..{self.tune_seed + self.tune_seeds - 1} overlap the reported seeds "
                 f"{self.seed}..{self.seed + self.seeds - 1}; move --tune-seed"
             )
+
+    def _check_pretrain_seeds(self) -> None:
+        """The pre-trainings' seeds (data splits, noise draws, students) disjoint from the reported and tuning ones:
+        refused before anything trains, not after the pre-trainings (a loaded teacher's own check)."""
+        episodes = -(-self.pretrain_steps // self.steps)
+        last = self.pretrain_seed + self.pretrain_seeds * episodes - 1
+        for name, first, count in (
+            ("reported", self.seed, self.seeds),
+            ("tuning", self.tune_seed, self.tune_seeds if self.tune else 0),
+        ):
+            if count and self.pretrain_seed <= first + count - 1 and first <= last:
+                raise ValueError(
+                    f"the pre-trainings meet seeds {self.pretrain_seed}..{last}, which overlap the {name} seeds "
+                    f"{first}..{first + count - 1}: the frozen teachers would teach students of their own training; move --pretrain-seed"
+                )
 
     def _check_pretrain_options(self) -> None:
         """--pretrain-options: only with --leave-one-out, keyed by settings of the grid, with options its agent has."""
@@ -498,9 +528,10 @@ def as_flags(values: dict[str, Any]) -> list[str]:
 
 def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     """For every setting S of the grid, ``--pretrain-seeds`` teachers of the ``--leave-one-out`` agent,
-    each pre-trained by train_teacher.py on the other settings (episodes of ``--steps`` updates,
-    cycling) in ``out/pretrained/``, on disjoint seed ranges; a finished one is reused. Returns
-    setting (JSON) -> {label: run folder}, the label ``<agent>@held-out`` (``#k`` with several)."""
+    each pre-trained by train_teacher.py on the other settings (on S itself with ``--pretrain-on own``;
+    episodes of ``--steps`` updates, cycling) in ``out/pretrained/``, on disjoint seed ranges; a finished
+    one is reused. Returns setting (JSON) -> {label: run folder}, the label ``<agent>@held-out``
+    (``<agent>@own-setting`` with ``own``; ``#k`` with several)."""
     import train_teacher
 
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
@@ -508,11 +539,14 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     data += ["--download"] if cfg.download else []
     episodes = -(-cfg.pretrain_steps // cfg.steps)  # a pre-training with seed s meets seeds s .. s + episodes - 1
     paths: dict[str, dict[str, str]] = {}
+    own = cfg.pretrain_on == "own"
     for i, setting in enumerate(cfg.settings):
-        others = [s for s in cfg.settings if s != setting]
+        others = [setting] if own else [s for s in cfg.settings if s != setting]
         options = cfg.held_out_options(setting_label(setting))
         resolved = recorded_options(cfg.leave_one_out, options)
-        folder = f"{i}-{cfg.leave_one_out}-without-{setting_label(setting).replace('/', '-').replace(' ', '')}"
+        folder = (
+            f"{i}-{cfg.leave_one_out}-{'on' if own else 'without'}-{setting_label(setting).replace('/', '-').replace(' ', '')}"
+        )
         for k in range(cfg.pretrain_seeds):
             argv = [
                 "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
@@ -527,7 +561,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
             if not (run / "summary.json").exists():
                 shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
                 train_teacher.main([*argv, *as_flags(options), *data, "--out", str(run)])
-            name = f"{cfg.leave_one_out}@held-out" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
+            name = f"{cfg.leave_one_out}@{'own-setting' if own else 'held-out'}" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
             paths.setdefault(json.dumps(setting, sort_keys=True), {})[name] = str(run)
     return paths
 

@@ -258,15 +258,28 @@ def write_report(
     atomic_write(out / "report.md", "\n".join(lines))
 
 
+def pretraining_groups(lines: list[dict[str, Any]]) -> dict[tuple[tuple, str], list[tuple[int, dict[str, Any]]]]:
+    """Summary lines of teachers pre-trained several times (evaluate.py's ``<agent>@held-out#k`` and
+    ``<agent>@own-setting#k``) with a paired Δ against uniform, grouped by (setting, teacher), as (k, line) in
+    the order of k."""
+    groups: dict[tuple[tuple, str], list[tuple[int, dict[str, Any]]]] = {}
+    for line in lines:
+        several = re.fullmatch(r"(.+@(?:held-out|own-setting))#(\d+)", line["agent"])
+        if several and line["vs_uniform_final"]:
+            groups.setdefault((setting_key(line), several[1]), []).append((int(several[2]), line))
+    return {key: sorted(numbered, key=lambda pair: pair[0]) for key, numbered in groups.items()}
+
+
+def over_pretrainings(group: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """``summarise`` of the pre-trainings' mean paired differences ``key`` (a 95% t-interval over the pre-trainings)."""
+    return summarise([line[key]["mean"] for line in group])
+
+
 def pretraining_spread(transfers: list[dict[str, Any]]) -> list[str]:
     """For teachers pre-trained several times (``<agent>#k``): each pre-training's mean paired Δ against
     uniform, and their mean with a 95% t-interval over the pre-trainings. A re-run of the pre-training
     is what varies there; the per-teacher intervals above cover student seeds only."""
-    groups: dict[tuple[tuple, str], list[tuple[int, dict[str, Any]]]] = {}
-    for line in transfers:
-        several = re.fullmatch(r"(.+@held-out)#(\d+)", line["agent"])  # evaluate.py --pretrain-seeds labels
-        if several and line["vs_uniform_final"]:
-            groups.setdefault((setting_key(line), several[1]), []).append((int(several[2]), line))
+    groups = pretraining_groups(transfers)
     if not groups:
         return []
     lines = [
@@ -280,12 +293,13 @@ def pretraining_spread(transfers: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for (_, agent), numbered in groups.items():
-        numbered.sort(key=lambda pair: pair[0])
         group = [line for _, line in numbered]
         cells = []
         for key in ("vs_uniform_final", "vs_uniform"):
-            each = [line[key]["mean"] for line in group]
-            cells += [", ".join(f"{100 * v:+.1f}" for v in each), fmt_difference(summarise(each))]
+            cells += [
+                ", ".join(f"{100 * line[key]['mean']:+.1f}" for line in group),
+                fmt_difference(over_pretrainings(group, key)),
+            ]
         aurocs = ", ".join(f"{line['auroc']['mean']:.2f}" for line in group)
         numbers = ", ".join(str(k) for k, _ in numbered)
         lines.append(f"| {setting_label(group[0])} | {agent} (#{numbers}) | " + " | ".join(cells) + f" | {aurocs} |")

@@ -245,7 +245,8 @@ class ConfigFileAction(argparse.Action):
     def __call__(
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, flag: str | None = None
     ) -> None:
-        namespace.config, namespace.config_flag = value, flag
+        setattr(namespace, self.dest, value)
+        namespace.config_flag = flag
 
 
 def build_parser(cls: type, description: str, config_flags: tuple[str, ...] = ("--config",)) -> argparse.ArgumentParser:

@@ -202,7 +202,8 @@ class MetaGradOptions:
 
     features: str = field(
         "all",
-        "teacher inputs: all = internal + surface + global, local = internal + surface, surface = surface + global, or loss alone",
+        "teacher inputs: all = per-sample surface + internal + global, local = per-sample surface + internal, surface = "
+        "per-sample surface + global, or loss alone",
         choices=list(FEATURE_SETS),
     )
     hidden: int = field(64, "hidden units of the teacher network", low=1)

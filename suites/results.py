@@ -27,13 +27,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from reporting import CLEAN_BASELINES, FINAL, HEADLINE, atomic_write, fmt, fmt_paired, paired, summarise  # noqa: E402
+from reporting import (  # noqa: E402
+    CLEAN_BASELINES,
+    FINAL,
+    HEADLINE,
+    atomic_write,
+    fmt,
+    fmt_difference,
+    fmt_paired,
+    over_pretrainings,
+    paired,
+    pretraining_groups,
+    summarise,
+)
 from runconfig import setting_label  # noqa: E402
 from sweeps import append_line, read_finished  # noqa: E402
 
 SUITES = (
     "mnist1d", "digits", "mnist", "mnist1d_final_tuned", "digits_final_tuned", "mnist_final_tuned", "transfer_tuning", "transfer",
-    "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
+    "transfer_own", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
 )  # fmt: skip
 # <suite>_final_tuned: the suite again, every method tuned for the final held-out accuracy (--tune-by final_val_acc),
 # the metric its final column reads; it reuses the suite's tuning runs and the report runs its choices share
@@ -502,8 +514,21 @@ def section(name: str, out: Path | None) -> list[str]:
             f"this second protocol exists, and what was known when it was added: see the protocol at the top.",
             "",
         ]
-    if name == "transfer":
+    if name in ("transfer", "transfer_own"):
         lines += [pretraining_options(results), ""]
+    if name == "transfer_own":
+        config = results["config"]
+        lines += [
+            f"The reference for the transfer suite: the same `meta_grad` teachers (same options per setting, the transfer "
+            f"search's choices; same pre-training seeds and budget) pre-trained on the setting itself instead of the other "
+            f"settings, frozen, on the same fresh students (seeds {config['seed']}-{config['seed'] + config['seeds'] - 1}; "
+            f"the pre-trainings meet seeds {config['pretrain_seed']} on, so other data splits, noise draws and students). "
+            "It shows what a frozen teacher pre-trained alike reaches with no change of setting: how much of the "
+            "transfer suite's result is lost to the change, not a bound on it (a pre-training on other settings sees "
+            "more of them).",
+            "",
+            *own_against_transfer(out, out.parent / "transfer"),
+        ]
     lines += ["### " + tables]
     lines += ["### What the numbers say", "", *reading(summary), ""]
     rivals = against_rivals(results["runs"])
@@ -521,6 +546,26 @@ def section(name: str, out: Path | None) -> list[str]:
     return lines
 
 
+def own_against_transfer(own: Path, transfer: Path) -> list[str]:
+    """Per setting, the frozen teachers pre-trained on it (``own``) beside those pre-trained on the other settings
+    (``transfer``): each group's mean over its pre-trainings [95% t-interval over them] of the paired Δ against
+    uniform, and its mean AUROC."""
+    if not (transfer / "results.json").exists():
+        return []
+    rows: dict[tuple, list[str]] = {}
+    for source, out in (("its own setting", own), ("the other settings (transfer)", transfer)):
+        summary = json.loads((out / "results.json").read_text())["summary"]
+        for (setting, _), numbered in pretraining_groups(summary).items():
+            group = [line for _, line in numbered]
+            final, best = (fmt_difference(over_pretrainings(group, key)) for key in ("vs_uniform_final", "vs_uniform"))
+            auroc = np.mean([line["auroc"]["mean"] for line in group])
+            rows.setdefault(setting, []).append(
+                f"| {setting_label(group[0])} | {source} ({len(group)} pre-trainings) | {final} | {best} | {auroc:.3f} |"
+            )
+    header = ["| evaluated on | pre-trained on | Δ final vs uniform | Δ @ best val vs uniform | AUROC |", "|---|---|---|---|---|"]
+    return [*header, *(row for setting_rows in rows.values() for row in setting_rows), ""]
+
+
 def pretraining_options(results: dict[str, Any]) -> str:
     """What a leave-one-out benchmark's teachers were pre-trained with per held-out setting, from its
     results.json (the config it ran with, not today's suite file)."""
@@ -529,7 +574,8 @@ def pretraining_options(results: dict[str, Any]) -> str:
     per_setting = []
     for label in dict.fromkeys(setting_label(r) for r in results["runs"]):
         options = evaluate.held_out_options(config["agent_options"], config.get("pretrain_options"), agent, label)
-        per_setting.append(f"held out {label}: {candidate_label(options) or 'none'}")
+        where = "on" if config.get("pretrain_on") == "own" else "held out"
+        per_setting.append(f"{where} {label}: {candidate_label(options) or 'none'}")
     return f"`{agent}` pre-training options (over its defaults): " + "; ".join(per_setting) + "."
 
 

@@ -152,6 +152,16 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--agents", "", "--teachers", ""], "nothing to evaluate"),
         (["--teachers", "runs/does-not-exist"], "does not exist"),
         (["--grid", "{noise: []}"], "the grid is empty"),
+        (["--pretrain-on", "own"], "--pretrain-on sets the pre-trainings of --leave-one-out, which is not given"),
+        (["--leave-one-out", "meta_grad"], "at least two settings (or --pretrain-on own)"),
+        (
+            ["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-seed", "0"],
+            "the pre-trainings meet seeds 0..149, which overlap the reported seeds 0..2: the frozen teachers would",
+        ),
+        (
+            ["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-seed", "997", "--tune", "{lr: [0.1]}"],
+            "overlap the tuning seeds 1000..1001",
+        ),
         (["--grid", "{optimizer: [sgd]}"], "unknown keys optimizer"),
         (["--grid", "{dataset: [imagenet]}"], "grid dataset must be one of mnist1d, digits"),
         (["--grid", "{noise_rate: 0.2}"], "noise_rate must be a list of values"),
@@ -353,6 +363,32 @@ def test_leave_one_setting_out_transfer_pretrains_without_the_target(tmp_path):
             config["teacher_lr"],
         )
     assert options == {"digits-mlp-symmetric0.4": ("head", 16, None), "digits-mlp-pairflip0.4": ("head", 12, 0.01)}
+
+
+def test_the_own_setting_reference_pretrains_on_the_setting_itself(tmp_path):
+    """``--pretrain-on own``: each setting's teachers pre-train on that setting alone (other seeds), the reference the
+    leave-one-out teachers are read against; one setting is enough."""
+    rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "2", "--grid", "{noise: [symmetric, pairflip]}",
+                     "--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-steps", "40", "--pretrain-seeds", "2",
+                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}")  # fmt: skip
+    own = [r for r in rows if r["agent"].startswith("meta_grad@own-setting#")]
+    assert {(r["agent"], r["noise"], r["trained_on"]) for r in own} == {
+        (f"meta_grad@own-setting#{k + 1}", noise, f"digits/mlp/{noise} 0.4 (seeds {10000 + k}-{10000 + k})")
+        for k in range(2)
+        for noise in ("symmetric", "pairflip")
+    }
+    assert all(not r["online"] for r in own), "evaluated frozen"
+    assert sorted(p.name.split("-on-")[1].rsplit("-", 1)[0] for p in (tmp_path / "report" / "pretrained").iterdir()) == [
+        "digits-mlp-pairflip0.4",
+        "digits-mlp-pairflip0.4",
+        "digits-mlp-symmetric0.4",
+        "digits-mlp-symmetric0.4",
+    ]
+    spread = (tmp_path / "report" / "report.md").read_text().split("## Between pre-trainings", 1)[1]
+    assert "| meta_grad@own-setting (#1, 2) |" in spread, "the spread between the pre-trainings on the setting itself"
+    one = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--leave-one-out", "meta_grad", "--pretrain-on", "own",
+                    "--pretrain-steps", "40", "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}", name="one")  # fmt: skip
+    assert {r["agent"] for r in one} == {"uniform", "meta_grad@own-setting"}
 
 
 def test_several_pretrainings_per_held_out_setting_on_disjoint_seeds_and_their_spread(tmp_path):

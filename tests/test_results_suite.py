@@ -177,6 +177,33 @@ def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
     assert config["pretrain_options"] == results.transfer_choice(out)
 
 
+def test_the_own_setting_reference_differs_from_the_transfer_suite_only_in_what_it_pre_trains_on():
+    transfer = yaml.safe_load(results.TRANSFER_SUITE.read_text())
+    own = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_own.yaml").read_text())
+    assert own.pop("pretrain_on") == "own" and transfer.get("pretrain_on", "others") == "others"
+    assert set(own.pop("agents").split(",")) <= set(transfer.pop("agents").split(","))
+    assert own == transfer
+
+
+def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transferred_ones(tmp_path):
+    def summary(agent: str, label: str, final: float, best: float, auroc: float) -> dict:
+        dataset, student, rest = label.split("/")
+        noise, rate = rest.split()
+        return {"agent": agent, "dataset": dataset, "student": student, "noise": noise, "noise_rate": float(rate), "student_kwargs": "null",
+                "vs_uniform_final": {"mean": final}, "vs_uniform": {"mean": best}, "auroc": {"mean": auroc}}  # fmt: skip
+
+    for name, agent, finals in (("own", "meta_grad@own-setting", (0.10, 0.20)), ("transfer", "meta_grad@held-out", (-0.1, 0.0))):
+        lines = [summary(f"{agent}#{k + 1}", MNIST1D, f, f / 2, 0.8 + f) for k, f in enumerate(finals)]
+        lines.append(summary("uniform", MNIST1D, 0.0, 0.0, 0.5))
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"summary": lines}))
+    table = results.own_against_transfer(tmp_path / "own", tmp_path / "transfer")
+    assert table[2].startswith(f"| {MNIST1D} | its own setting (2 pre-trainings) | +15.0 [")
+    assert table[2].endswith("| 0.950 |") and "+7.5 [" in table[2]
+    assert table[3].startswith(f"| {MNIST1D} | the other settings (transfer) (2 pre-trainings) | -5.0 [")
+    assert results.own_against_transfer(tmp_path / "own", tmp_path / "missing") == []
+
+
 def test_the_transfer_section_names_the_options_its_teachers_were_pre_trained_with():
     rows = [
         {**_row("uniform", dataset, 0, 0.5, 0.5), "noise": noise} for dataset in ("mnist1d", "digits") for noise in ("symmetric",)
