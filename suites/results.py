@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+from agents.meta_grad import MetaGradOptions  # noqa: E402
 from reporting import (  # noqa: E402
     CLEAN_BASELINES,
     FINAL,
@@ -57,11 +58,16 @@ FINAL_TUNED = "_final_tuned"
 # include the default). The search ran at B = 1 (transfer.yaml's shared option) before meta_grad's default became
 # B = 5; the last coordinate tries B = 5 at the decay and teacher_lr chosen at B = 1, not a search of its own: over
 # the same 6,000 updates B = 5 takes a fifth of the teacher steps, so a fifth of the decoupled decay too, and a tie
-# keeps B = 1
-TRANSFER_SEARCH = (
+# keeps B = 1. A coordinate with a third entry tries its values at those options alone, not at the choice so far:
+# the fourth tries meta_grad's defaults (B = 5, decay 1e-4), which the first three never reached together, at the
+# teacher_lr values the online suites chose at B = 5 (added after the transfer suite and its own-setting reference
+# had been run: suites/transfer_own_online_options.yaml showed frozen teachers doing far better at them)
+DEFAULTS_AT_B5 = {"meta_weight_decay": MetaGradOptions.meta_weight_decay, "unroll": MetaGradOptions.unroll}
+TRANSFER_SEARCH: tuple[tuple[Any, ...], ...] = (
     ("meta_weight_decay", (1e-4, 0.03, 0.1, 0.3, 1.0, 3.0)),
     ("teacher_lr", (0.003, 0.001)),
     ("unroll", (5,)),
+    ("teacher_lr", (0.01, 0.003, 0.001), DEFAULTS_AT_B5),
 )
 TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
@@ -166,13 +172,15 @@ def transfer_tuning_argv(options: dict[str, Any], out: Path) -> list[str]:
 
 def coordinate_candidates(coordinate: int, choice: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The candidates of the search's ``coordinate`` (an index into ``TRANSFER_SEARCH``): the first one's values
-    alone; a later one's, the ``choice`` so far, then that choice with each of the coordinate's values."""
-    key, values = TRANSFER_SEARCH[coordinate]
+    alone; a later one's, the ``choice`` so far, then that choice with each of the coordinate's values (or, for a
+    coordinate with options of its own, those options with each value)."""
+    key, values, *at = TRANSFER_SEARCH[coordinate]
     if coordinate == 0:
         return [{key: value} for value in values]
     if choice is None:
         raise ValueError(f"coordinate {coordinate} of the search needs the choice of the coordinates before it")
-    return [choice, *({**choice, key: value} for value in values)]
+    start = at[0] if at else choice
+    return [choice, *({**start, key: value} for value in values)]
 
 
 def candidate_runs(out: Path, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -260,9 +268,16 @@ def choice_line(label: str, steps: list[dict[str, Any]], config: dict[str, Any],
     verdict = "uses it" if not differing else f"uses {candidate_label(differing)} instead"
     criterion = np.sort(steps[-1]["criterion"])[::-1]
     path = [candidate_label(steps[0]["choice"])]
-    for before, step, (key, _) in zip(steps, steps[1:], TRANSFER_SEARCH[1:]):
+    for before, step, (key, _, *at) in zip(steps, steps[1:], TRANSFER_SEARCH[1:]):
         moved = step["choice"] != before["choice"]
-        path.append(f"{key} {_option_text(step['choice'][key])}" if moved else f"{key} unchanged")
+        where = f" at {candidate_label(at[0])}" if at else ""
+        path.append(
+            f"{key} {_option_text(step['choice'][key])}{where}"
+            if moved
+            else f"{key}{where} not taken"
+            if at
+            else f"{key} unchanged"
+        )
     return (
         f"- held out {label}: {', then '.join(path)}: **{candidate_label(steps[-1]['choice'])}** "
         f"(criterion {100 * criterion[0]:.1f}, the next {100 * criterion[1]:.1f} on the last coordinate); "
@@ -466,7 +481,11 @@ def section(name: str, out: Path | None) -> list[str]:
             "meta_grad's default teacher_lr, then `teacher_lr` at the decay chosen, then `unroll` (B = 5 against the B = 1 "
             "the first two coordinates ran at, `suites/results/transfer.yaml`'s shared entry, which every candidate inherits; added when "
             "meta_grad's default became B = 5, after the first two; B = 5 is tried only at the decay and teacher_lr chosen at "
-            "B = 1, and over the same 6,000 updates it takes a fifth of the teacher steps, so a fifth of the decay). Its own students never take part; its "
+            "B = 1, and over the same 6,000 updates it takes a fifth of the teacher steps, so a fifth of the decay), then meta_grad's "
+            "defaults (B = 5, decay 1e-4) at teacher_lr 0.01, 0.003 and 0.001 against the choice so far (added on 2026-11-29, after "
+            "the transfer suite and its own-setting reference `transfer_own` had been run: the first three coordinates never "
+            "reached B = 5 with a low teacher_lr, where frozen teachers pre-trained on their own setting did far better, "
+            "`suites/transfer_own_online_options.yaml`). Its own students never take part; its "
             "data (noisy training set and clean split) does, in the pre-trainings behind the other settings' scores (a fully nested search would "
             "pre-train without both settings). The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
             "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "

@@ -23,13 +23,17 @@ def _row(agent: str, dataset: str, seed: int, final: float, best_val: float) -> 
 DECAY_A, DECAY_B = {"meta_weight_decay": 0.3}, {"meta_weight_decay": 1.0}
 A_LR = {**DECAY_A, "teacher_lr": 0.001}
 A_LR_B5 = {**A_LR, "unroll": 5}
+DEFAULTS_LR = {**results.DEFAULTS_AT_B5, "teacher_lr": 0.003}  # the last coordinate's candidate held out digits takes
 MNIST1D, DIGITS = "mnist1d/mlp/symmetric 0.4", "digits/mlp/symmetric 0.4"
 
 
 def _best_val(options: dict, dataset: str) -> float:
     """Tuning scores where held out mnist1d (judged on digits alone) chooses decay A, then teacher_lr 0.001,
-    then B = 5, and held out digits (judged on mnist1d alone) chooses decay B at the default teacher_lr and B.
-    The decoys win only if a setting's own runs, or another decay's later coordinates, took part."""
+    then B = 5, then keeps it, and held out digits (judged on mnist1d alone) chooses decay B at the default
+    teacher_lr and B, then meta_grad's defaults at teacher_lr 0.003 (the last coordinate's own options). The decoys
+    win only if a setting's own runs, or another decay's later coordinates, took part."""
+    if options == DEFAULTS_LR:
+        return {"digits": 0.5, "mnist1d": 0.85}[dataset]
     if options == A_LR_B5:  # wins for held out mnist1d on digits alone; with its own runs A_LR would
         return {"digits": 0.97, "mnist1d": 0.3}[dataset]
     if options == {**DECAY_B, "unroll": 5}:
@@ -74,6 +78,7 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         *results.coordinate_candidates(1, DECAY_B)[1:],  # held out digits chose B (on mnist1d alone)
         *results.coordinate_candidates(2, A_LR)[1:],  # then teacher_lr 0.001
         *results.coordinate_candidates(2, DECAY_B)[1:],  # and the default teacher_lr
+        *results.coordinate_candidates(3, A_LR_B5)[1:],  # meta_grad's defaults at each teacher_lr, once for both
     ]
     ran = [json.loads(argv[argv.index("--agent-options") + 1])["meta_grad"] for argv in calls]
     shared = results.shared_options()  # transfer.yaml's options for every pre-training, under each candidate's
@@ -81,10 +86,11 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         "each coordinate's candidates at the choices so far, and no other"
     )
     assert results.transfer_candidates(tmp_path) == expected
-    assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR_B5, DIGITS: DECAY_B}
+    assert results.coordinate_candidates(3, A_LR_B5)[1:] == results.coordinate_candidates(3, DECAY_B)[1:]
+    assert results.transfer_choice(tmp_path) == {MNIST1D: A_LR_B5, DIGITS: DEFAULTS_LR}
 
     suite = tmp_path / "transfer.yaml"
-    suite.write_text(yaml.safe_dump({"pretrain_options": {MNIST1D: A_LR_B5, DIGITS: DECAY_B}}))
+    suite.write_text(yaml.safe_dump({"pretrain_options": {MNIST1D: A_LR_B5, DIGITS: DEFAULTS_LR}}))
     lines = results.transfer_tuning_table(tmp_path, suite)
     rows = lines[2 : 2 + len(expected)]
     for i, (row, options) in enumerate(zip(rows, expected)):
@@ -96,11 +102,11 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
         ], row
     text = "\n".join(lines)
     assert (
-        f"- held out {MNIST1D}: meta_weight_decay 0.3, then teacher_lr 0.001, then unroll 5: **meta_weight_decay 0.3, teacher_lr 0.001, unroll 5** (criterion 97.0, the next 95.0 on the last coordinate); `suites/results/transfer.yaml` uses it."
+        f"- held out {MNIST1D}: meta_weight_decay 0.3, then teacher_lr 0.001, then unroll 5, then teacher_lr at meta_weight_decay 0.0001, unroll 5 not taken: **meta_weight_decay 0.3, teacher_lr 0.001, unroll 5** (criterion 97.0, the next 60.0 on the last coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     assert (
-        f"- held out {DIGITS}: meta_weight_decay 1, then teacher_lr unchanged, then unroll unchanged: **meta_weight_decay 1** (criterion 80.0, the next 60.0 on the last coordinate); `suites/results/transfer.yaml` uses it."
+        f"- held out {DIGITS}: meta_weight_decay 1, then teacher_lr unchanged, then unroll unchanged, then teacher_lr 0.003 at meta_weight_decay 0.0001, unroll 5: **meta_weight_decay 0.0001, unroll 5, teacher_lr 0.003** (criterion 85.0, the next 80.0 on the last coordinate); `suites/results/transfer.yaml` uses it."
         in text
     )
     # options shared by every pre-training are the candidates' too; a per-setting entry that differs is named
@@ -108,11 +114,11 @@ def test_transfer_tuning_chooses_per_held_out_setting_from_the_other_settings_ru
     suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: {**A_LR_B5, "val_batch": 64}}}))
     text = "\n".join(results.transfer_tuning_table(tmp_path, suite))
     assert (
-        "(criterion 97.0, the next 95.0 on the last coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
+        "(criterion 97.0, the next 60.0 on the last coordinate); `suites/results/transfer.yaml` uses val_batch 64 instead."
         in text
     )
-    assert "`suites/results/transfer.yaml` uses meta_weight_decay 0.0001 instead." in text  # digits: yaml lacks B
-    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: A_LR_B5, DIGITS: DECAY_B}}))
+    assert "`suites/results/transfer.yaml` uses teacher_lr 0.03 instead." in text  # digits: the yaml lacks its choice
+    suite.write_text(yaml.safe_dump({**shared, "pretrain_options": {MNIST1D: A_LR_B5, DIGITS: DEFAULTS_LR}}))
     assert "\n".join(results.transfer_tuning_table(tmp_path, suite)).count("`suites/results/transfer.yaml` uses it.") == 2
 
 
@@ -148,7 +154,7 @@ def test_a_candidate_replaces_transfer_yamls_per_setting_options_as_a_whole_over
 
 
 def test_settings_that_choose_alike_share_the_next_coordinate_and_ties_go_to_the_first(monkeypatch):
-    choices = {MNIST1D: [DECAY_A, A_LR], DIGITS: [DECAY_A, DECAY_A], "other": [DECAY_B, DECAY_B]}
+    choices = {MNIST1D: [DECAY_A, A_LR, A_LR], DIGITS: [DECAY_A, DECAY_A, DECAY_A], "other": [DECAY_B, DECAY_B, DECAY_B]}
     monkeypatch.setattr(
         results,
         "held_out_search",
@@ -161,6 +167,7 @@ def test_settings_that_choose_alike_share_the_next_coordinate_and_ties_go_to_the
         *results.coordinate_candidates(2, A_LR)[1:],
         *results.coordinate_candidates(2, DECAY_A)[1:],
         *results.coordinate_candidates(2, DECAY_B)[1:],
+        *results.coordinate_candidates(3, A_LR)[1:],  # a coordinate with options of its own: the same ones for every choice
     ], "each choice's next candidates once, coordinate by coordinate, in the order chosen"
     candidates = [DECAY_A, DECAY_B, A_LR]
     tied = [{MNIST1D: 0.5, DIGITS: 0.7}, {MNIST1D: 0.9, DIGITS: 0.7}, {MNIST1D: float("nan"), DIGITS: float("nan")}]
