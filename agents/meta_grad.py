@@ -60,8 +60,9 @@ on tuning students (seeds 1000-1004, never reported; ``suites/defaults_mnist1d.y
   (``benchmarks/teach_step.py`` as committed in ef51852: 6.54x against 6.39x a plain step on mlp /
   mnist1d, 4.15x against 3.38x on cnn / MNIST): one meta step every five updates through all five of them, instead
   of one through each. B = 1 (``jvp``, no double backward) stays the cheap path for ``--meta-layers
-  head``; the layers suites pass ``unroll: 1``, and the transfer search, run at B = 1 before this
-  default changed, tries B = 5 as its last coordinate.
+  head``; the layers suites pass ``unroll: 1``. The transfer search, run at B = 1 before this default
+  changed, tries B = 5 in its last two coordinates, and every transfer teacher is now pre-trained at B = 5
+  with these defaults and a teacher_lr of 0.001 or 0.003.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Regenerate docs/results.md: the honest benchmark on every offline setting, and the
 leave-one-setting-out transfer of a pre-trained teacher.
 
-    python suites/results.py                 # about 3 hours from scratch on 2 CPU cores; resumes if interrupted
+    python suites/results.py                 # about 3.5 hours from scratch on 2 CPU cores; resumes if interrupted
     python suites/results.py --only digits   # one suite (docs/results/<name>/)
 
 Each suite in suites/results/ runs through ``evaluate.py`` into docs/results/<suite>/ (report.md,
@@ -106,9 +106,8 @@ results at B = 1 had been committed (d3d6f34: e.g. final 57.3 and 57.9 on mnist1
 digits) and after the ablation suite's reported seeds had shown B = 5 ahead of B = 1 on mnist1d; the
 change rests on tuning students only (seeds 1000-1004, `agents/meta_grad.py`'s docstring gives the
 numbers and the command), and every `meta_grad` run of the online suites was then regenerated under the
-unchanged protocol. The layers suites run at B = 1, and so do the transfer search's first two coordinates
-and the transfer teachers for the held-out mnist1d settings (the search tried B = 5 last and kept it only
-for digits; their sections say so).
+unchanged protocol. The layers suites run at B = 1, and so do the transfer search's first two coordinates;
+its last two try B = 5, and every transfer teacher is pre-trained at B = 5 (their sections say so).
 """
 
 
