@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from agents.meta_grad import MetaGradOptions  # noqa: E402
 from reporting import (  # noqa: E402
     CLEAN_BASELINES,
     FINAL,
@@ -56,13 +55,13 @@ FINAL_TUNED = "_final_tuned"
 # (1e-4 is its default decay), then teacher_lr at the decay chosen, then B (unroll) at both choices: each coordinate
 # tries its values against the choice so far, which its other options keep (the first against nothing: its values
 # include the default). The search ran at B = 1 (transfer.yaml's shared option) before meta_grad's default became
-# B = 5; the last coordinate tries B = 5 at the decay and teacher_lr chosen at B = 1, not a search of its own: over
+# B = 5; the third coordinate tries B = 5 at the decay and teacher_lr chosen at B = 1, not a search of its own: over
 # the same 6,000 updates B = 5 takes a fifth of the teacher steps, so a fifth of the decoupled decay too, and a tie
 # keeps B = 1. A coordinate with a third entry tries its values at those options alone, not at the choice so far:
 # the fourth tries meta_grad's defaults (B = 5, decay 1e-4), which the first three never reached together, at the
 # teacher_lr values the online suites chose at B = 5 (added after the transfer suite and its own-setting reference
 # had been run: suites/transfer_own_online_options.yaml showed frozen teachers doing far better at them)
-DEFAULTS_AT_B5 = {"meta_weight_decay": MetaGradOptions.meta_weight_decay, "unroll": MetaGradOptions.unroll}
+DEFAULTS_AT_B5 = {"meta_weight_decay": 1e-4, "unroll": 5}  # meta_grad's defaults when the coordinate was added (fixed here)
 TRANSFER_SEARCH: tuple[tuple[Any, ...], ...] = (
     ("meta_weight_decay", (1e-4, 0.03, 0.1, 0.3, 1.0, 3.0)),
     ("teacher_lr", (0.003, 0.001)),
@@ -482,9 +481,11 @@ def section(name: str, out: Path | None) -> list[str]:
             "meta_grad's default became B = 5, after the first two; B = 5 is tried only at the decay and teacher_lr chosen at "
             "B = 1, and over the same 6,000 updates it takes a fifth of the teacher steps, so a fifth of the decay), then meta_grad's "
             "defaults (B = 5, decay 1e-4) at teacher_lr 0.01, 0.003 and 0.001 against the choice so far (added on 2026-11-29, after "
-            "the transfer suite and its own-setting reference `transfer_own` had been run: the first three coordinates never "
-            "reached B = 5 with a low teacher_lr, where frozen teachers pre-trained on their own setting did far better, "
-            "`suites/transfer_own_online_options.yaml`). Its own students never take part; its "
+            "the reported transfer results and its own-setting reference `transfer_own` had been seen: the first three coordinates "
+            "never reached B = 5 with a low teacher_lr, where frozen teachers pre-trained on their own setting and scored on "
+            "its tuning students did far better, `suites/transfer_own_online_options.yaml`; its teacher_lr values are those "
+            "the online suites tuned on each setting's own tuning students, so only the choice among candidates is made "
+            "without them, and the transfer results it led to are post hoc). A held-out setting's own students never take part in that choice; its "
             "data (noisy training set and clean split) does, in the pre-trainings behind the other settings' scores (a fully nested search would "
             "pre-train without both settings). The decay is decoupled (AdamW): each step shrinks the teacher's parameters by teacher_lr x decay, "
             "so the two act together. Teachers that ended with constant weights (AUROC 0.500 on every student) had their "
