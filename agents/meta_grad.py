@@ -490,8 +490,9 @@ class MetaGradTeacher(Teacher):
             fast = layerwise_alignment(handle, last, weights, handle.params, val_indices, layers)
             if handle.layerwise_fits:
                 return fast
-            exact = by_jvp()
-            reference = exact[0]
+            _, val_loss, direction = fast  # the check's JVP runs along the validation gradient the fast path took
+            reference = inner_products_by_jvp(handle, last.params, last.indices, direction)
+            exact = (reference, val_loss, direction)
             if not bool(torch.isfinite(reference).all()):  # a diverging student tells nothing: check a later update
                 return exact
             # a sample of no share needs no alignment (the closed form gives it 0): compared elsewhere
@@ -552,10 +553,15 @@ def validation_alignment(
     samples ``indices``, from one forward-mode JVP of the per-sample losses (no double backward);
     with ``layers``, both gradients are taken with respect to those parameters only."""
     val_loss, direction = validation_gradient(handle, after, val_indices, layers)
+    return inner_products_by_jvp(handle, before, indices, direction), val_loss, direction
+
+
+def inner_products_by_jvp(handle: StudentHandle, before: Params, indices: torch.Tensor, direction: Params) -> torch.Tensor:
+    """<direction, grad l_i(before)> for the samples ``indices``: one forward-mode JVP of the per-sample losses
+    along ``direction`` (parameters it does not name are held fixed)."""
     with fwad.dual_level():
         dual = {n: fwad.make_dual(p.detach(), direction[n]) if n in direction else p.detach() for n, p in before.items()}
-        inner = fwad.unpack_dual(handle.per_sample_losses(dual, indices)).tangent
-    return inner, val_loss, direction
+        return fwad.unpack_dual(handle.per_sample_losses(dual, indices)).tangent
 
 
 def validation_gradient(
