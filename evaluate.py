@@ -177,7 +177,6 @@ class EvalConfig(EnvSetting, StudentTraining):
             raise ValueError("--pretrain-on sets the pre-trainings of --leave-one-out, which is not given")
         if self.leave_one_out is not None:
             self._check_pretrain_seeds()
-        if self.leave_one_out is not None:
             check_name("agent", self.leave_one_out, list(AGENTS))
             if agent_class(self.leave_one_out).kind != "online":
                 raise ValueError(f"--leave-one-out pre-trains an online teacher; {self.leave_one_out!r} is not one")
@@ -190,11 +189,15 @@ class EvalConfig(EnvSetting, StudentTraining):
                 f"{self.seed}..{self.seed + self.seeds - 1}; move --tune-seed"
             )
 
+    @property
+    def pretrain_episodes(self) -> int:
+        """Student episodes (of --steps updates) in one pre-training: one with seed s meets seeds s .. s + this - 1."""
+        return -(-self.pretrain_steps // self.steps)
+
     def _check_pretrain_seeds(self) -> None:
         """The pre-trainings' seeds (data splits, noise draws, students) disjoint from the reported and tuning ones:
         refused before anything trains, not after the pre-trainings (a loaded teacher's own check)."""
-        episodes = -(-self.pretrain_steps // self.steps)
-        last = self.pretrain_seed + self.pretrain_seeds * episodes - 1
+        last = self.pretrain_seed + self.pretrain_seeds * self.pretrain_episodes - 1
         for name, first, count in (
             ("reported", self.seed, self.seeds),
             ("tuning", self.tune_seed, self.tune_seeds if self.tune else 0),
@@ -537,7 +540,6 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
     data = ["--data-root", cfg.data_root] if cfg.data_root else []
     data += ["--download"] if cfg.download else []
-    episodes = -(-cfg.pretrain_steps // cfg.steps)  # a pre-training with seed s meets seeds s .. s + episodes - 1
     paths: dict[str, dict[str, str]] = {}
     own = cfg.pretrain_on == "own"
     for i, setting in enumerate(cfg.settings):
@@ -550,7 +552,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
         for k in range(cfg.pretrain_seeds):
             argv = [
                 "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
-                "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * episodes), "--device", cfg.device,
+                "--horizon", str(cfg.steps), "--seed", str(cfg.pretrain_seed + k * cfg.pretrain_episodes), "--device", cfg.device,
                 "--threads", str(cfg.threads), "--no-progress", *as_flags(student),
             ]  # fmt: skip
             # another pre-training, or one under other defaults, never reuses this one; the agent's options

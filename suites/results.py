@@ -590,10 +590,10 @@ def pretraining_options(results: dict[str, Any]) -> str:
     results.json (the config it ran with, not today's suite file)."""
     config = results["config"]
     agent = config["leave_one_out"]
+    where = "on" if config.get("pretrain_on") == "own" else "held out"
     per_setting = []
     for label in dict.fromkeys(setting_label(r) for r in results["runs"]):
         options = evaluate.held_out_options(config["agent_options"], config.get("pretrain_options"), agent, label)
-        where = "on" if config.get("pretrain_on") == "own" else "held out"
         per_setting.append(f"{where} {label}: {candidate_label(options) or 'none'}")
     return f"`{agent}` pre-training options (over its defaults): " + "; ".join(per_setting) + "."
 
