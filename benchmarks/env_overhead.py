@@ -2,7 +2,8 @@
 step of a plain PyTorch training loop on the same student, data and batch size, measured side by
 side in one process, and the step's parts timed the same way: the functional forward of a batch,
 forward plus the weighted update, and the surface and internal-state features on a forwarded batch
-(what bounds the step where it misses its target). Targets: env step <= 1.25x the plain step on
+(what bounds the step where it misses its target), and the two largest ops of the internal features,
+the k-nearest-neighbour cosines and top-k, each alone. Targets: env step <= 1.25x the plain step on
 cnn / MNIST and <= 1.5x on mlp / mnist1d (the default here).
 
     python benchmarks/env_overhead.py [--device cuda] [--dataset mnist1d --student mlp]
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DATA_ROOT, add_ratios, interleaved, machine, plain_training_step, save  # noqa: E402
 from envs import env_factory  # noqa: E402
+from envs.observation import NEIGHBOURS, nearest_neighbours, neighbour_similarity, unit_directions  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
 
 
@@ -69,12 +71,23 @@ def step_parts(env, ones: torch.Tensor, batches: int = 16) -> dict:
         _, _, hidden, labels = next(turns)
         features.internal(hidden, labels)
 
+    # the k-nearest-neighbour agreement's two largest ops on their own: the batch's cosine matrices and top-k
+    directions = [unit_directions([h.float().flatten(1) for h in hidden[-2:]]) for _, _, hidden, _ in forwarded]
+    similarities = [neighbour_similarity(unit, norm > 0) for unit, norm in directions]
+    unit_turns, similarity_turns = itertools.cycle(directions), itertools.cycle(similarities)
+
+    def similarity() -> None:
+        unit, norm = next(unit_turns)
+        neighbour_similarity(unit, norm > 0)
+
     return {
         "plain loop": plain_training_step(env, env.student_name, len(ones), ones.device),
         "forward": lambda: handle.forward_batch(indices),
         "forward + update": update,
         "surface features": surface,
         "internal features": internal,
+        "  of which kNN cosines": similarity,
+        "  of which kNN top-k": lambda: nearest_neighbours(next(similarity_turns), NEIGHBOURS),
     }
 
 
@@ -97,7 +110,7 @@ def main() -> None:
         print(f"{r['dataset']}/{r['student']} batch {r['batch_size']} on {device}:")
         for name, t in [*r["timings"].items(), *(("part: " + k, v) for k, v in r["parts"].items() if k != "plain loop")]:
             print(
-                f"  {name:24s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain, rounds x{t['ratio_to_plain_min']:.2f}-{t['ratio_to_plain_max']:.2f})"
+                f"  {name:26s} {t['ms']:7.3f} ms/step  (x{t['ratio_to_plain']:.2f} of plain, rounds x{t['ratio_to_plain_min']:.2f}-{t['ratio_to_plain_max']:.2f})"
             )
     if not args.no_save:
         print("saved", save("env_overhead", result))

@@ -134,10 +134,8 @@ class ObservationBuilder:
         if len(hidden_layers) < 2:
             raise ValueError(f"internal features need at least two hidden layers, the student exposes {len(hidden_layers)}")
         layers = [h.detach().float().flatten(1) for h in hidden_layers[-2:]]
-        h = _stack_padded(layers)  # (2, batch, width)
-        norm = h.norm(dim=2)
+        unit, norm = unit_directions(layers)
         log_norm = torch.log(norm + 1e-8)
-        unit = h / (norm[..., None] + 1e-8)
         one_hot = self.one_hot[labels]
         counts = one_hot.sum(0)
         centroids = self._update_centroids(unit, one_hot, counts, [x.shape[1] for x in layers])
@@ -173,6 +171,14 @@ class ObservationBuilder:
         return previous
 
 
+def unit_directions(layers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit, norm): the (batch, width) hidden states of ``layers`` as one zero-padded (layers, batch,
+    width) stack of unit vectors (all-zero rows stay zero), and their norms (layers, batch)."""
+    h = _stack_padded(layers)
+    norm = h.norm(dim=2)
+    return h / (norm[..., None] + 1e-8), norm
+
+
 def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack 2-D tensors of equal height along a new first dimension, zero-padding their widths."""
     width = max(r.shape[1] for r in rows)
@@ -196,21 +202,32 @@ def _knn_agreement(
     k = min(NEIGHBOURS, n - 1)
     if k <= 0:
         return torch.ones(unit.shape[:2], device=unit.device)
-    # a sample without direction (an all-zero hidden state, whose column is 0, or a non-finite one, whose
-    # norm > 0 is False too) is set to -2 in every row, below every live cosine: no one's neighbour
-    similarity = (unit @ unit.transpose(1, 2)).masked_fill_(~has_direction[:, None, :], -2.0)
-    similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
-    if similarity.device.type == "cpu" and similarity.shape[2] < TOPK_HEAP_ROW * k:
-        # PyTorch's CPU topk selects in rows shorter than 64 k with nth_element, which mispredicts
-        # branches on fresh data (measured 1.2 us per 128-long row); rows padded with a value below
-        # everything else (never chosen) take its heap path instead, 3x faster in all
-        similarity = F.pad(similarity, (0, TOPK_HEAP_ROW * k - similarity.shape[2]), value=-4.0)
-    nearest = similarity.topk(k, dim=2)
+    nearest = nearest_neighbours(neighbour_similarity(unit, has_direction), k)
     live = nearest.values > -1.5  # a live neighbour (cosine in [-1, 1]), not a dead sample's column (-2)
     live_count = live.sum(2)
     agree = ((labels[nearest.indices] == labels[:, None]) & live).sum(2) / live_count.clamp(min=1)
     random_neighbours = (label_count - 1) / (n - 1)
     return torch.where(has_direction & (live_count > 0), agree, random_neighbours).float()
+
+
+def neighbour_similarity(unit: torch.Tensor, has_direction: torch.Tensor) -> torch.Tensor:
+    """(layers, batch, batch) cosines between the batch's samples, for picking neighbours: a sample
+    without direction (an all-zero hidden state, whose column is 0, or a non-finite one, whose norm > 0
+    is False too) is set to -2 in every row, below every live cosine (no one's neighbour), and each
+    sample is set to -3 in its own row (not its own neighbour)."""
+    similarity = (unit @ unit.transpose(1, 2)).masked_fill_(~has_direction[:, None, :], -2.0)
+    similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
+    return similarity
+
+
+def nearest_neighbours(similarity: torch.Tensor, k: int) -> torch.return_types.topk:
+    """The ``k`` largest entries of each row of ``similarity`` and their columns (``topk``)."""
+    if similarity.device.type == "cpu" and similarity.shape[2] < TOPK_HEAP_ROW * k:
+        # PyTorch's CPU topk selects in rows shorter than 64 k with nth_element, which mispredicts
+        # branches on fresh data (measured 1.2 us per 128-long row); rows padded with a value below
+        # everything else (never chosen) take its heap path instead, 3x faster in all
+        similarity = F.pad(similarity, (0, TOPK_HEAP_ROW * k - similarity.shape[2]), value=-4.0)
+    return similarity.topk(k, dim=2)
 
 
 def feature_bounds(table: tuple) -> tuple[np.ndarray, np.ndarray]:
