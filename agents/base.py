@@ -27,6 +27,9 @@ from students.handle import StudentHandle
 
 CHECKPOINT_FORMAT = "l2t-gym-teacher"
 CHECKPOINT_VERSION = 2  # 2: typed teacher options (one teacher_lr), env state held by the StudentHandle
+# the names of teacher-input sets that include the observation's internal-state features (meta_grad's
+# and the RL teachers' ``features`` option): "all" (with surface and global) and "local" (with surface)
+INTERNAL_INPUTS = frozenset({"all", "local"})
 
 # name -> "module:Class". A new teacher is one file in agents/ and one line here.
 AGENTS: dict[str, str] = {
@@ -80,7 +83,7 @@ class Teacher:
     reference: ClassVar[bool] = False  # a reference that reads diagnostics (the oracle), never a teacher
     env_overrides: ClassVar[dict[str, Any]] = {}  # Teaching-v0 arguments this agent needs (clean-data baselines)
     # whether it reads the observation's internal-state features: True, False, or the name of the option
-    # (its teacher inputs) whose value "all" or "local" means it does
+    # (its teacher inputs) whose value, one of INTERNAL_INPUTS, means it does
     reads_internal: ClassVar[bool | str] = True
     # options added after checkpoints of this agent were first written, with the value that reproduces
     # a teacher saved without them (its config lacks the key)
@@ -104,7 +107,7 @@ class Teacher:
         ``reads_internal``): the env computes it only for those that do."""
         if isinstance(cls.reads_internal, str):
             default = {f.name: f.default for f in dataclasses.fields(cls.Options)}[cls.reads_internal]
-            return options.get(cls.reads_internal, default) in ("all", "local")
+            return options.get(cls.reads_internal, default) in INTERNAL_INPUTS
         return cls.reads_internal
 
     @classmethod

@@ -89,7 +89,7 @@ from students.models import head_input, make_student
 # warning is about PyTorch internals, not about anything a user of this package can change.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
-FEATURE_SETS = ("all", "local", "surface", "loss")
+FEATURE_SETS = ("all", "local", "surface", "loss")  # agents.base.INTERNAL_INPUTS: those that read internal states
 # the teacher network's hidden activation; a leaky one keeps a unit that a large step pushed below zero for
 # every input able to recover (with plain ReLU it is dead for good)
 ACTIVATIONS = {"relu": F.relu, "leaky_relu": F.leaky_relu}
