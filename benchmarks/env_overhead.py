@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DATA_ROOT, add_ratios, interleaved, machine, plain_training_step, save  # noqa: E402
 from envs import env_factory  # noqa: E402
-from envs.observation import NEIGHBOURS, nearest_neighbours, neighbour_similarity, unit_directions  # noqa: E402
+from envs.observation import NEIGHBOURS, has_direction, nearest_neighbours, neighbour_similarity, unit_directions  # noqa: E402
 from envs.teaching import resolve_device  # noqa: E402
 
 
@@ -73,12 +73,12 @@ def step_parts(env, ones: torch.Tensor, batches: int = 16) -> dict:
 
     # the k-nearest-neighbour agreement's two largest ops on their own: the batch's cosine matrices and top-k
     directions = [unit_directions([h.float().flatten(1) for h in hidden[-2:]]) for _, _, hidden, _ in forwarded]
-    similarities = [neighbour_similarity(unit, norm > 0) for unit, norm in directions]
+    similarities = [neighbour_similarity(unit, has_direction(norm)) for unit, norm in directions]
     unit_turns, similarity_turns = itertools.cycle(directions), itertools.cycle(similarities)
 
     def similarity() -> None:
         unit, norm = next(unit_turns)
-        neighbour_similarity(unit, norm > 0)
+        neighbour_similarity(unit, has_direction(norm))
 
     return {
         "plain loop": plain_training_step(env, env.student_name, len(ones), ones.device),

@@ -149,7 +149,7 @@ class ObservationBuilder:
                 cos_own,
                 cos_other,
                 cos_own - cos_other,
-                _knn_agreement(unit, norm > 0, labels, counts[labels]),
+                _knn_agreement(unit, has_direction(norm), labels, counts[labels]),
             ],
             2,
         )  # (2, batch, per-layer features)
@@ -177,6 +177,12 @@ def unit_directions(layers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     h = _stack_padded(layers)
     norm = h.norm(dim=2)
     return h / (norm[..., None] + 1e-8), norm
+
+
+def has_direction(norm: torch.Tensor) -> torch.Tensor:
+    """Which hidden states (by their ``norm``) point somewhere: not all-zero, and finite (an infinite
+    or NaN state's unit vector is NaN)."""
+    return torch.isfinite(norm) & (norm > 0)
 
 
 def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -212,9 +218,9 @@ def _knn_agreement(
 
 def neighbour_similarity(unit: torch.Tensor, has_direction: torch.Tensor) -> torch.Tensor:
     """(layers, batch, batch) cosines between the batch's samples, for picking neighbours: a sample
-    without direction (an all-zero hidden state, whose column is 0, or a non-finite one, whose norm > 0
-    is False too) is set to -2 in every row, below every live cosine (no one's neighbour), and each
-    sample is set to -3 in its own row (not its own neighbour)."""
+    without direction (``has_direction`` False: an all-zero hidden state, whose column is 0, or a
+    non-finite one, whose column is NaN) is set to -2 in every row, below every live cosine (no one's
+    neighbour), and each sample is set to -3 in its own row (not its own neighbour)."""
     similarity = (unit @ unit.transpose(1, 2)).masked_fill_(~has_direction[:, None, :], -2.0)
     similarity.diagonal(dim1=1, dim2=2).fill_(-3.0)
     return similarity

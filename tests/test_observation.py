@@ -156,17 +156,18 @@ def test_all_zero_hidden_states_decide_no_feature_by_tie_breaking():
         torch.testing.assert_close(permuted, got[perm], rtol=1e-6, atol=1e-6)
 
 
-def test_a_sample_with_a_nan_hidden_state_is_no_ones_neighbour():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_sample_with_a_non_finite_hidden_state_is_no_ones_neighbour(value):
     """A non-finite hidden state (a sample on which the student blew up) has no direction: like an
     all-zero one, it is no one's neighbour, so the other samples' kNN agreement is what it would be
-    with that sample dead (topk would otherwise rank its NaN cosines above every live one)."""
+    with that sample dead (topk would otherwise rank its NaN cosines, inf / inf included, above every live one)."""
     generator = torch.Generator().manual_seed(1)
     n, k = 12, 3
     labels = torch.arange(n) % k
     hidden = [torch.randn(n, 6, generator=generator), torch.randn(n, 5, generator=generator)]
     broken, dead = [h.clone() for h in hidden], [h.clone() for h in hidden]
     for b, d in zip(broken, dead):
-        b[4, 0], d[4] = float("nan"), 0.0
+        b[4, 0], d[4] = value, 0.0
     knn = [i for i, (name, *_) in enumerate(INTERNAL_FEATURES) if name.endswith("knn_agree")]
     others = torch.arange(n) != 4
     got = ObservationBuilder(n, k, "cpu").internal(broken, labels)[others][:, knn]
