@@ -93,8 +93,12 @@ def test_teacher_gradient_matches_central_finite_differences(student, unroll):
     teacher.net.zero_grad()
     _val_loss(env, teacher, observations, transitions, val_indices).backward()
     analytic = [p.grad.clone() for p in params]
+    # float64 central differences at eps 1e-6 are good to ~1e-10 of the loss: the tolerance follows the
+    # gradient's scale, which differs by 1000x between students, and entries whose true value is zero (the
+    # output bias: weights are shares of the batch) are compared within it, not counted as checked
+    atol = 1e-6 * max(float(g.abs().max()) for g in analytic)
     rng = np.random.default_rng(0)
-    eps = 1e-6
+    eps, checked = 1e-6, 0
     for index, p in enumerate(params):
         for flat in rng.choice(p.numel(), size=min(3, p.numel()), replace=False):
             values = []
@@ -104,7 +108,9 @@ def test_teacher_gradient_matches_central_finite_differences(student, unroll):
                 values.append(_val_loss(env, teacher, observations, transitions, val_indices).item())
             numeric = (values[0] - values[1]) / (2 * eps)
             got = analytic[index].view(-1)[flat].item()
-            assert got == pytest.approx(numeric, rel=1e-3, abs=1e-9), f"param {index}[{flat}]: analytic {got}, numeric {numeric}"
+            assert got == pytest.approx(numeric, rel=1e-3, abs=atol), f"param {index}[{flat}]: analytic {got}, numeric {numeric}"
+            checked += abs(numeric) > 100 * atol
+    assert checked >= 5, f"only {checked} entries with a clearly non-zero gradient were compared"
 
 
 @pytest.mark.parametrize("student", list(STUDENTS))
