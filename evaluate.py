@@ -12,8 +12,9 @@ updates. Agents named in ``--agents`` start untrained: fixed ones just act, onli
 Teachers loaded from ``--teachers`` run frozen (pure transfer) unless ``--online``, and never on the
 seeds they were trained with. ``--tune`` picks each agent's student learning rate (and teacher
 learning rate) per setting by validation accuracy on tuning seeds disjoint from the reported ones.
-Outputs in ``--out``: report.md, results.csv, results.json, PNG plots, and runs.jsonl (each finished
-run, appended as it ends, so ``--resume`` re-runs only what is missing).
+Outputs in ``--out``: report.md, results.csv, results.json, PNG plots, runs.jsonl (each finished
+run, appended as it ends, so ``--resume`` re-runs only what is missing), errors.jsonl (the error of
+each run that failed) and, with ``--leave-one-out``, the pre-trained teachers in pretrained/.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ class EvalConfig(EnvSetting, StudentTraining):
     def validate(self) -> None:
         if not self.agent_names and not self.teacher_paths:
             raise ValueError("nothing to evaluate: --agents and --teachers are both empty")
+        for flag, names in (("--agents", self.agent_names), ("--teachers", self.teacher_paths)):
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:  # a repeat would count each seed's run twice in every interval
+                raise ValueError(f"{flag} names {', '.join(repeated)} more than once")
         for agent in self.agent_names:
             check_name("agent", base_agent(agent), list(AGENTS))
             if agent_class(base_agent(agent)).kind == "episodic":
@@ -533,7 +538,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     """For every setting S of the grid, ``--pretrain-seeds`` teachers of the ``--leave-one-out`` agent,
     each pre-trained by train_teacher.py on the other settings (on S itself with ``--pretrain-on own``;
     episodes of ``--steps`` updates, cycling) in ``out/pretrained/``, on disjoint seed ranges; a finished
-    one is reused. Returns setting (JSON) -> {label: run folder}, the label ``<agent>@held-out``
+    one is reused, an interrupted one resumed from its last checkpoint. Returns setting (JSON) -> {label: run folder}, the label ``<agent>@held-out``
     (``<agent>@own-setting`` with ``own``; ``#k`` with several)."""
     import train_teacher
 
@@ -560,9 +565,11 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
             # its data is read from is not part of it (the same pre-training from another checkout is the same one)
             digest = hashlib.sha256(json.dumps([argv, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
             run = out / "pretrained" / f"{folder}-{digest}"
-            if not (run / "summary.json").exists():
-                shutil.rmtree(run, ignore_errors=True)  # an interrupted pre-training starts over
-                train_teacher.main([*argv, *as_flags(options), *data, "--out", str(run)])
+            if not (run / "summary.json").exists():  # not finished: an interrupted one goes on from its checkpoint
+                resume = ["--resume"] if (run / "teacher.pt").exists() else []
+                if not resume:
+                    shutil.rmtree(run, ignore_errors=True)
+                train_teacher.main([*argv, *as_flags(options), *data, "--out", str(run), *resume])
             name = f"{cfg.leave_one_out}@{'own-setting' if own else 'held-out'}" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
             paths.setdefault(json.dumps(setting, sort_keys=True), {})[name] = str(run)
     return paths
@@ -634,7 +641,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     except (ValueError, CheckpointError, DatasetNotFoundError) as e:
         exit_on_bad_input("evaluate.py", str(e))
     torch.set_num_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        exit_on_bad_input("evaluate.py", f"cannot create --out {out}: {e}")
     try:
         return benchmark(cfg, sweep, out, tuning)
     except KeyboardInterrupt:

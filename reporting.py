@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,8 @@ def write_report(
     if failures:
         lines += ["## Failed runs", "", f"{len(failures)} run(s) failed and are left out of every statistic above:", ""]
         lines += [f"- {f['job']}: {f['error']}" for f in failures] + [""]
-    lines += ["Plots: `curves.png` (test accuracy over steps), `weights.png` (weights of clean vs corrupted samples).", ""]
+    if table:
+        lines += ["Plots: `curves.png` (test accuracy over steps), `weights.png` (weights of clean vs corrupted samples).", ""]
     atomic_write(out / "report.md", "\n".join(lines))
 
 
@@ -313,25 +315,36 @@ def write_tables(
     settings = {k: v for k, v in config.items() if k != "progress"}
     full_rows = [{**{f"cfg_{k}": v for k, v in settings.items() if k not in SETTING_KEYS}, **r} for r in rows]
     fields = list(dict.fromkeys(k for r in full_rows for k in r))
-    tmp = out / ".results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(full_rows)
-    tmp.replace(out / "results.csv")
+
+    def write_csv(path: Path) -> None:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(full_rows)
+
+    write_atomically(out / "results.csv", write_csv)
     payload = {"config": settings, "runs": full_rows, "summary": table, "tuning": tuning}
     atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` to ``path`` atomically (``write_atomically``)."""
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``: a crash leaves
+    the old file or none, never part of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    write(tmp)
     tmp.replace(path)
 
 
 def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
-    """curves.png (test accuracy over steps, one panel per setting) and weights.png (clean vs corrupted)."""
+    """curves.png (test accuracy over steps, one panel per setting) and weights.png (clean vs corrupted);
+    none when no run finished."""
+    if not results:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,7 +370,7 @@ def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
     axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    write_atomically(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     fig, axes = plt.subplots(1, len(agents), figsize=(3 * len(agents), 3), squeeze=False, sharey=True)
     for ax, agent in zip(axes[0], agents):
@@ -370,5 +383,5 @@ def write_plots(out: Path, results: list[dict[str, Any]]) -> None:
         ax.set(title=agent, xlabel="weight")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "weights.png", dpi=120)
+    write_atomically(out / "weights.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

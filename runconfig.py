@@ -64,7 +64,10 @@ def coerce(name: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any:
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise ValueError(f"{name} must be finite, got an integer of {len(str(abs(value)))} digits") from None
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
     elif tp is str:
@@ -177,6 +180,8 @@ def settings_grid(base: EnvSetting, grid: dict | list | None) -> list[dict[str, 
     if empty:
         raise ValueError(f"the grid is empty: no values for {', '.join(empty)}")
     per_student = grid.get("student_kwargs") or {}
+    if not isinstance(per_student, dict):
+        raise ValueError(f"grid student_kwargs must map student -> {{argument: value}}, got {per_student!r}")
     settings = [
         {"dataset": d, "student": s, "noise": n, "noise_rate": r, "student_kwargs": per_student.get(s, base.student_kwargs)}
         for d, s, n, r in itertools.product(*(axes[k] for k in GRID_KEYS))

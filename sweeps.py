@@ -33,8 +33,9 @@ class BackendError(ValueError):
 
 
 def read_finished(path: Path, canonical: Callable[[str], str] = str) -> dict[str, dict[str, Any]]:
-    """The finished runs recorded in runs.jsonl by ``canonical`` of their key (a line cut by a crash
-    is ignored); ``canonical`` maps a key of an older format to today's."""
+    """The finished runs recorded in runs.jsonl by ``canonical`` of their key (a line cut by a crash, or
+    any other line that is not a run record, is ignored: its job runs again); ``canonical`` maps a key
+    of an older format to today's."""
     finished = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -42,7 +43,8 @@ def read_finished(path: Path, canonical: Callable[[str], str] = str) -> dict[str
                 result = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            finished[canonical(result["key"])] = result
+            if isinstance(result, dict) and isinstance(result.get("key"), str):  # not a run record: skipped, as a cut line
+                finished[canonical(result["key"])] = result
     return finished
 
 

@@ -6,7 +6,8 @@
     python train_teacher.py --resume --out runs/my_run        # continue (or --steps N to extend) a run
 
 Outputs: ``teacher.pt`` (checkpoint, written atomically every ``--checkpoint-every`` steps and at
-the end), ``config.yaml``, ``metrics.jsonl`` (one line per evaluation) and TensorBoard events.
+the end), ``config.yaml``, ``metrics.jsonl`` (one line per evaluation), TensorBoard events, and
+``summary.json`` (the final line's numbers) once the run ends.
 Teacher flags come from the agents' own option classes (``agents/``); each says which agents take it.
 """
 
@@ -30,7 +31,7 @@ from agents.base import AGENTS, CheckpointError, Teacher, agent_class, make_agen
 from agents.loop import Callback, Curve, TeacherScalars, TeachingRun, WeightStats, start, teach
 from envs import env_factory
 from envs.rewards import REWARDS
-from reporting import curve_summary
+from reporting import atomic_write, curve_summary
 from runconfig import (
     EnvSetting,
     StudentTraining,
@@ -58,7 +59,10 @@ class TrainRun(EnvSetting, StudentTraining):
     steps: int = field(3000, "total student updates (across episodes)", low=1)
     epochs: float | None = field(None, "if set, steps = epochs x batches per epoch (overrides --steps)", above=0.0)
     horizon: int | None = field(
-        None, f"updates per student episode (default: --steps, or {RL_DEFAULT_HORIZON} for episodic RL teachers)", low=1
+        None,
+        f"updates per student episode (default: --steps; with --grid, --steps / (2 x its settings); for episodic RL "
+        f"teachers, --steps up to {RL_DEFAULT_HORIZON})",
+        low=1,
     )
     grid: Any = field(
         None,
@@ -72,7 +76,10 @@ class TrainRun(EnvSetting, StudentTraining):
     threads: int = field(1, "torch threads (1 is fastest for the small default students on a busy machine)", low=1)
     out: str | None = field(None, "run folder (default runs/<agent>-<dataset>-<student>-s<seed>)")
     checkpoint_every: int = field(
-        500, "updates between atomic checkpoints (rounded up to a multiple of eval_every and unroll)", low=1
+        500,
+        "updates between atomic checkpoints (online teachers: rounded up to a multiple of eval_every and unroll; "
+        "episodic ones save at the first episode end after each interval)",
+        low=1,
     )
     resume: bool = field(False, "continue the run in --out (default: the latest matching run) from its last checkpoint")
     progress: bool = field(True, "show a progress bar")
@@ -137,6 +144,22 @@ def env_kwargs(cfg: Any, horizon: int, setting: dict[str, Any] | None = None) ->
 
 
 # ------------------------------------------------------------------------------------------ callbacks
+def metrics_until(path: Path, step: int) -> list[str]:
+    """The lines of a run's metrics.jsonl up to ``step`` (none when it does not exist; a last line
+    that a crash cut short is dropped); ValueError, naming the file, on any other broken line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if number < len(lines) or not isinstance(e, json.JSONDecodeError):
+                raise ValueError(f"{path} line {number} is not a metrics record ({type(e).__name__}: {e})") from None
+    return kept
+
+
 class RunLog(Callback):
     """metrics.jsonl plus TensorBoard, one record per evaluation (student, teacher scalars, weights);
     resumable at a step (later lines are dropped)."""
@@ -145,11 +168,8 @@ class RunLog(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
-        if start_step and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        else:
-            self.path.write_text("")
+        kept = metrics_until(self.path, start_step) if start_step else []
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
         if not start_step:
             table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items())
@@ -247,7 +267,10 @@ def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, s
             run = start(env, teacher, cfg.seed + episode)
             run.step, run.episode = step, episode
             if saved is not None and "env_state" in saved["extra"]:
-                run.obs, run.next_info = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
+                try:
+                    run.obs, run.next_info = env.unwrapped.load_state_dict(saved["extra"]["env_state"])
+                except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{run_dir / 'teacher.pt'}: its env state does not fit this run ({e!r})") from None
             saved = None
             teach(run, cfg.steps - step, [log, checkpoints, bar])  # to the end of this episode at most
             step, episode = run.step, run.episode + 1
@@ -365,6 +388,12 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
         fail(str(e))
     except (OSError, yaml.YAMLError) as e:
         fail(f"--resume cannot read {config_file}: {e}")
+    if not isinstance(stored, dict):
+        fail(f"{config_file} does not describe a run: expected a mapping of settings, got {stored!r}")
+    try:
+        metrics_until(run_dir / "metrics.jsonl", saved["extra"]["step"])
+    except (OSError, ValueError) as e:
+        fail(f"--resume cannot continue the run's log: {e}")
     if saved["agent"] != cfg.agent and ("--agent" in argv or saved["agent"] != stored.get("agent")):
         fail(f"{checkpoint_file} holds a {saved['agent']!r} teacher, not {cfg.agent!r}; pass --agent {saved['agent']}")
     stored = {**agent_class(saved["agent"]).legacy_options, **stored}  # a run begun before those options existed
@@ -384,7 +413,8 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse and check everything (building the env and teacher), then prepare the run folder,
-    train, and print and save the summary. A refused command writes nothing."""
+    train, and print and save the summary. A refused command writes nothing (but for a resume whose
+    checkpoint holds an env state that no longer loads: that is found once config.yaml is rewritten)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(config_class(), argv, __doc__.splitlines()[0])
     run_dir = cfg.run_dir
@@ -408,10 +438,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env, teacher = build_online(cfg)  # one env per setting
         if saved is not None and saved["extra"]["step"] > cfg.steps:
             raise ValueError(f"the run already took {saved['extra']['step']} steps; --steps {cfg.steps} would shorten it")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(to_yaml(cfg))
-        tmp.replace(run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+        except OSError as e:
+            raise ValueError(f"cannot write the run folder --out {run_dir}: {e}") from None
         summary = (run_episodic if cfg.kind == "episodic" else run_online)(cfg, run_dir, env, teacher, saved)
     except (ValueError, DatasetNotFoundError, CheckpointError) as e:
         fail(str(e))
@@ -428,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         where = f"the last checkpoint is kept; resume with --resume --out {run_dir}" if saved else "nothing was trained"
         print(f"train_teacher.py: interrupted; {where}", file=sys.stderr)
         sys.exit(130)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     print(
         f"done in {summary['seconds']:.0f}s: student test accuracy {summary['final_test_acc']:.4f} "
         f"(at best validation accuracy {summary['selected_test_acc']:.4f}); "

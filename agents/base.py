@@ -27,6 +27,8 @@ from students.handle import StudentHandle
 
 CHECKPOINT_FORMAT = "l2t-gym-teacher"
 CHECKPOINT_VERSION = 2  # 2: typed teacher options (one teacher_lr), env state held by the StudentHandle
+# what every checkpoint holds beside its format marker, version and agent, and of which types (``Teacher.save``)
+CHECKPOINT_ENTRIES = {"config": dict, "obs_spec": (dict, type(None)), "state": dict, "extra": dict}
 # the names of teacher-input sets that include the observation's internal-state features (meta_grad's
 # and the RL teachers' ``features`` option): "all" (with surface and global) and "local" (with surface)
 INTERNAL_INPUTS = frozenset({"all", "local"})
@@ -80,7 +82,6 @@ class Teacher:
     Options: ClassVar[type] = NoOptions
     needs_handle: ClassVar[bool] = False
     needs_batch_size: ClassVar[bool] = False  # the teacher's network is tied to the batch size it was built for
-    reference: ClassVar[bool] = False  # a reference that reads diagnostics (the oracle), never a teacher
     env_overrides: ClassVar[dict[str, Any]] = {}  # Teaching-v0 arguments this agent needs (clean-data baselines)
     # whether it reads the observation's internal-state features: True, False, or the name of the option
     # (its teacher inputs) whose value, one of INTERNAL_INPUTS, means it does
@@ -249,6 +250,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if checkpoint.get("agent") not in AGENTS:
         raise CheckpointError(f"{file} holds an unknown agent {checkpoint.get('agent')!r}; known agents: {', '.join(AGENTS)}")
+    damaged = [
+        key for key, kinds in CHECKPOINT_ENTRIES.items() if key not in checkpoint or not isinstance(checkpoint[key], kinds)
+    ]
+    if damaged:
+        raise CheckpointError(f"{file} is damaged: its entries {', '.join(damaged)} are missing or of the wrong type")
     return checkpoint
 
 

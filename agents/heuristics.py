@@ -82,13 +82,11 @@ class SmallLossTeacher(Teacher):
 class OracleReference(Teacher):
     """Not a teacher: weight 1 for every sample whose given label is correct, 0 for a corrupted one,
     read from the env's diagnostic corruption mask. It shows the headroom of a setting (what perfect
-    separation of clean from corrupted labels buys) and is labelled as a reference in every report."""
-
-    reads_internal = False
+    separation of clean from corrupted labels buys); reports label it, by its name, as a reference."""
 
     name = "oracle"
     needs_handle = True
-    reference = True
+    reads_internal = False
 
     def act(self, obs: dict) -> torch.Tensor:
         if self.handle is None:

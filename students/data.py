@@ -213,8 +213,11 @@ def _digits() -> tuple[np.ndarray, ...]:
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (MNIST's format), gzip-compressed or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # a damaged or cut gzip stream, an unreadable file
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
     magic = int.from_bytes(data[:4], "big")
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim < 1:
@@ -240,8 +243,11 @@ def _idx_dataset(name: str, data_root: str | None, download: bool) -> tuple[np.n
         import torchvision
 
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
+        try:
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+        except (RuntimeError, OSError) as e:  # no network, a mirror down, a full disk
+            raise DatasetNotFoundError(f"dataset {name!r}: --download failed ({e}); source: {source}") from None
     paths = [find(s) for s in stems]
     if any(p is None for p in paths):
         missing = [s for s, p in zip(stems, paths) if p is None]
@@ -264,10 +270,11 @@ def _cifar(name: str, data_root: str | None, download: bool) -> tuple[np.ndarray
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # not there, or a --download that failed (no network)
         raise DatasetNotFoundError(
-            f"dataset {name!r} not found under {root.resolve()} (torchvision's {cls.base_folder}/). "
-            "Pass --data-root pointing at the folder that holds it, or add --download to fetch it."
+            f"dataset {name!r} not found under {root.resolve()} (torchvision's {cls.base_folder}/)"
+            + (f" and --download failed ({e})" if download else "")
+            + ". Pass --data-root pointing at the folder that holds it, or add --download to fetch it."
         ) from e
     as_images = lambda d: np.asarray(d.data, dtype=np.float32).transpose(0, 3, 1, 2) / 255.0
     labels = lambda d: np.asarray(d.targets, dtype=np.int64)

@@ -92,8 +92,9 @@ class FunctionalStudent:
     def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The training objective of a weighted step, the weighted mean sum_i w_i l_i / sum_i w_i.
 
-        Equal weights of any size give the plain mean, so a teacher redistributes the step over the
-        batch but cannot change its size (that is the learning rate's job). All-zero weights give a
-        zero loss: the update then applies momentum and weight decay only.
+        Equal weights of any size (summing to at least ``WEIGHT_SUM_EPS``) give the plain mean, so a teacher
+        redistributes the step over the batch but cannot change its size (that is the learning rate's job).
+        Weights summing below it shrink the step with their sum, and all-zero weights give a zero loss:
+        the update then applies momentum and weight decay only.
         """
         return (weights * losses).sum() / weights.sum().clamp(min=WEIGHT_SUM_EPS)

@@ -154,5 +154,5 @@ def make_student(name: str, input_shape: tuple[int, ...], num_classes: int, **kw
     check_name("student", name, list(STUDENTS))
     try:
         return STUDENTS[name](tuple(input_shape), num_classes, **kwargs)
-    except TypeError as e:  # an unknown or mistyped constructor argument
+    except (TypeError, RuntimeError) as e:  # an unknown or mistyped constructor argument, or a size torch refuses
         raise ValueError(f"student_kwargs {kwargs} do not fit student {name!r}: {e}") from None

@@ -39,6 +39,21 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, name):
         load_dataset(name, data_root=tmp_path)
 
 
+@pytest.mark.parametrize("name,cls", [("mnist", "MNIST"), ("cifar10", "CIFAR10")])
+def test_a_download_that_fails_says_so_without_a_traceback(tmp_path, monkeypatch, name, cls):
+    import torchvision
+
+    class Offline:
+        base_folder = "cifar-10-batches-py"
+
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")  # what torchvision raises with no network
+
+    monkeypatch.setattr(torchvision.datasets, cls, Offline)
+    with pytest.raises(DatasetNotFoundError, match="--download failed .*Error downloading"):
+        load_dataset(name, data_root=tmp_path, download=True)
+
+
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError, match="unknown dataset 'mnist3d'; valid datasets: mnist1d, digits"):
         load_dataset("mnist3d")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ import yaml
 import evaluate
 import reporting
 import train_teacher
+from envs.teaching import TeachingEnv
 
 SMALL = ["--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}", "--batch-size", "16", "--val-size", "200",
          "--steps", "40", "--eval-every", "20", "--thresholds", "0.3,0.99", "--no-progress"]  # fmt: skip
@@ -106,15 +108,16 @@ def test_workers_do_not_change_results(tmp_path):
     assert json.dumps(_deterministic(one), sort_keys=True) == json.dumps(_deterministic(two), sort_keys=True)  # NaN-safe
 
 
-def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path, monkeypatch):
+def test_transfer_of_a_trained_teacher_is_reported_by_pair(tmp_path, monkeypatch, capsys):
     run = tmp_path / "teacher"
     train_teacher.main(["--agent", "meta_grad", "--out", str(run), "--dataset", "digits", "--student-kwargs", "{hidden: [16, 8]}",
                         "--batch-size", "16", "--val-size", "200", "--steps", "40", "--eval-every", "20", "--no-progress"])  # fmt: skip
     target = ["--agents", "uniform", "--teachers", str(run), "--dataset", "mnist1d", "--student", "cnn",
               "--student-kwargs", "{channels: [4, 8], fc: 16}", "--batch-size", "16", "--steps", "40", "--eval-every", "20",
               "--no-progress", "--seeds", "2"]  # fmt: skip
-    with pytest.raises(SystemExit):  # the teacher met seed 0 (its data split, noise draw and student): in-sample
+    with pytest.raises(SystemExit) as refused:  # the teacher met seed 0 (its data split, noise draw and student): in-sample
         evaluate.main(["--out", str(tmp_path / "in-sample"), *target, "--seed", "0"])
+    assert refused.value.code == 2 and "would be in-sample: pass --seed 1 or higher" in capsys.readouterr().err
     rows = evaluate.main(["--out", str(tmp_path / "t"), *target, "--seed", "1"])
     transferred = [r for r in rows if r["teacher_path"]]
     assert transferred and transferred[0]["trained_on"] == "digits/mlp/symmetric 0.4 (seeds 0-0)" and not transferred[0]["online"]
@@ -278,7 +281,7 @@ def test_clean_data_baselines_are_compared_and_paired(tmp_path):
     assert all(r["weight_corrupted"] == 0 and r["weight_clean"] == 1 and r["auroc"] == 1 for r in oracle.values())
 
 
-def test_tuning_chooses_by_validation_on_disjoint_seeds_and_is_reported(tmp_path):
+def test_tuning_chooses_by_validation_on_disjoint_seeds_and_is_reported(tmp_path, capsys):
     rows = _evaluate(tmp_path, "--agents", "uniform,mwnet", "--seeds", "1", "--tune", "{lr: [0.0001, 0.1], teacher_lr: [0.001, 0.01]}",
                      "--tune-seeds", "1")  # fmt: skip
     data = json.loads((tmp_path / "report" / "results.json").read_text())
@@ -290,8 +293,12 @@ def test_tuning_chooses_by_validation_on_disjoint_seeds_and_is_reported(tmp_path
     tuning_seeds = {json.loads(line)["row"]["seed"] for line in (tmp_path / "report" / "runs.jsonl").read_text().splitlines()}
     assert tuning_seeds == {0, 1000}
     assert "## Tuned values" in (tmp_path / "report" / "report.md").read_text()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         _evaluate(tmp_path, "--agents", "uniform", "--tune", "{lr: [0.1]}", "--tune-seed", "0", name="overlap")
+    assert (
+        refused.value.code == 2
+        and "tuning seeds 0..1 overlap the reported seeds 0..2; move --tune-seed" in capsys.readouterr().err
+    )
 
 
 def test_tuning_maximises_the_held_out_accuracy_the_reported_metric_reads():
@@ -315,7 +322,7 @@ def test_tuning_maximises_the_held_out_accuracy_the_reported_metric_reads():
     assert list(chosen.values()) == [(0.1, ())] and table["runner_up"] == table["score"], "a tie goes to the first candidate"
 
 
-def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, monkeypatch):
+def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, monkeypatch, capsys):
     argv = ["--agents", "uniform,small_loss", "--seeds", "2"]
     whole = _evaluate(tmp_path, *argv, name="whole")
     real_run_job, calls = evaluate.run_job, []
@@ -331,8 +338,9 @@ def test_an_interrupted_benchmark_resumes_with_only_the_missing_runs(tmp_path, m
         _evaluate(tmp_path, *argv, name="cut")
     assert interrupted.value.code == 130
     assert len((tmp_path / "cut" / "runs.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(SystemExit):  # an existing benchmark is not overwritten
+    with pytest.raises(SystemExit) as refused:  # an existing benchmark is not overwritten
         _evaluate(tmp_path, *argv, name="cut")
+    assert refused.value.code == 2 and "already holds a benchmark; pass --resume" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(evaluate, "run_job", lambda job: calls.append(job) or real_run_job(job))
     resumed = _evaluate(tmp_path, *argv, "--resume", name="cut")
@@ -389,6 +397,29 @@ def test_the_own_setting_reference_pretrains_on_the_setting_itself(tmp_path):
     one = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--leave-one-out", "meta_grad", "--pretrain-on", "own",
                     "--pretrain-steps", "40", "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}", name="one")  # fmt: skip
     assert {r["agent"] for r in one} == {"uniform", "meta_grad@own-setting"}
+
+
+def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    argv = ["--agents", "uniform", "--seeds", "1", "--leave-one-out", "meta_grad", "--pretrain-on", "own",
+            "--pretrain-steps", "560", "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}"]  # fmt: skip
+    whole = _evaluate(tmp_path, *argv, name="whole")
+    real_step, steps = TeachingEnv.step, itertools.count(1)
+
+    def killed_after_the_first_checkpoint(self, action):  # train_teacher checkpoints every 500 updates
+        if next(steps) == 530:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, action)
+
+    monkeypatch.setattr(TeachingEnv, "step", killed_after_the_first_checkpoint)
+    with pytest.raises(SystemExit) as interrupted:
+        _evaluate(tmp_path, *argv, name="cut")
+    assert interrupted.value.code == 130 and "(last checkpoint: step 500)" in capsys.readouterr().err
+    taken = []
+    monkeypatch.setattr(TeachingEnv, "step", lambda self, action: taken.append(1) or real_step(self, action))
+    resumed = _evaluate(tmp_path, *argv, "--resume", name="cut")
+    assert len(taken) == (560 - 500) + 2 * 40, "the pre-training went on from its checkpoint; then the two students"
+    same = lambda rows: json.dumps([{k: v for k, v in r.items() if k != "teacher_path"} for r in _deterministic(rows)])
+    assert same(resumed) == same(whole), "as if never interrupted"
 
 
 def test_several_pretrainings_per_held_out_setting_on_disjoint_seeds_and_their_spread(tmp_path):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 import evaluate
 import train_teacher
 from agents import CheckpointError, load_teacher
-from agents.base import atomic_torch_save
+from agents.base import atomic_torch_save, read_checkpoint
 from students.data import DatasetNotFoundError
 from tests.conftest import make_env
 
@@ -58,7 +59,8 @@ def test_same_seed_same_metrics_and_checkpoint(tmp_path, agent):
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_path):
-    args = [sys.executable, str(ROOT / "train_teacher.py"), "--agent", "meta_grad", "--steps", "200", *TINY]
+    steps = 600  # a few seconds of training, so that the kill lands before the end on a fast machine too
+    args = [sys.executable, str(ROOT / "train_teacher.py"), "--agent", "meta_grad", "--steps", str(steps), *TINY]
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, capture_output=True, cwd=ROOT)
     victim = subprocess.Popen(
         [*args, "--out", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -70,12 +72,14 @@ def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(tmp_
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it was killed: nothing was tested"
     assert checkpoint.exists()
     load_teacher(checkpoint)  # whatever moment it died, the checkpoint on disk is whole
+    assert read_checkpoint(checkpoint)["extra"]["step"] < steps, "killed after its last checkpoint"
     subprocess.run([*args, "--out", str(tmp_path / "cut"), "--resume"], check=True, capture_output=True, cwd=ROOT)
     whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
     resumed = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in resumed] == list(range(20, 201, 20)), "no lost or duplicated steps"
+    assert [json.loads(x)["step"] for x in resumed] == list(range(20, steps + 1, 20)), "no lost or duplicated steps"
     assert resumed == whole
 
 
@@ -162,6 +166,7 @@ CONSTRUCTION_CASES = [
     ("batch-larger-than-train", dict(batch_size=5000), ValueError, "batch_size must be in"),
     ("missing-data-root", dict(dataset="mnist", data_root="/nonexistent/data"), DatasetNotFoundError, "--download"),
     ("empty-data-root", dict(dataset="fashion_mnist", data_root="EMPTY"), DatasetNotFoundError, "FashionMNIST/raw"),
+    ("damaged-gzip", dict(dataset="mnist", data_root="DAMAGED_GZIP"), ValueError, "cannot be read (BadGzipFile"),
 ]
 CHECKPOINT_CASES = [
     ("truncated", _truncated, "not a readable l2t-gym checkpoint"),
@@ -171,6 +176,8 @@ CHECKPOINT_CASES = [
     ("unknown-agent", _edited(lambda c: c.update(agent="teacher9000")), "unknown agent 'teacher9000'"),
     ("obs-spec-mismatch", _edited(lambda c: c["obs_spec"].update(samples=["loss"])), "samples"),
     ("state-mismatch", _edited(lambda c: c["state"]["net"].pop("out.bias")), "does not fit agent"),
+    ("no-extra", _edited(lambda c: c.pop("extra")), "damaged: its entries extra are missing"),
+    ("config-not-a-mapping", _edited(lambda c: c.update(config=[1])), "damaged: its entries config are missing"),
     ("code-execution", _evil, "not a readable l2t-gym checkpoint"),
 ]
 CLI_CASES = [
@@ -200,6 +207,10 @@ CLI_CASES = [
     ("cli-yaml-bad-number", ["--config", "BAD_NUMBER_YAML"], "--teacher-lr must be a number, got 'fast'"),
     ("cli-option-of-another-agent", ["--agent", "uniform", "--unroll", "3"], "option unroll does not apply to agent 'uniform'"),
     ("cli-bad-student-kwargs", ["--student-kwargs", "{hiden: [8, 8]}"], "do not fit student 'mlp'"),
+    ("cli-negative-layer-width", ["--student-kwargs", "{hidden: [-1, 8]}"], "do not fit student 'mlp'"),
+    ("cli-grid-student-kwargs-not-a-mapping", ["--grid", "{student_kwargs: 5}"], "grid student_kwargs must map student"),
+    ("cli-yaml-huge-integer", ["--config", "HUGE_INT_YAML"], "--lr must be finite, got an integer of 401 digits"),
+    ("cli-out-below-a-file", ["--out", "BELOW_A_FILE"], "cannot write the run folder"),
     ("cli-grid-for-rl", ["--agent", "ppo", "--grid", "{noise: [pairflip]}"], "'ppo' is episodic"),
     ("cli-grid-bad-value", ["--grid", "{noise_rate: [1.5]}"], "grid noise_rate must be in [0, 1)"),
     ("cli-resume-changed-setting", ["--resume", "--out", "RUN", "--dataset", "mnist1d"], "would change it: --dataset"),
@@ -211,6 +222,8 @@ CLI_CASES = [
     ("cli-evaluate-train-size-0", ["EVALUATE", "--train-size", "0"], "--train-size must be >= 1"),
     ("cli-evaluate-val-too-large", ["EVALUATE", "--val-size", "5000"], "more than the"),
     ("cli-evaluate-bad-student-kwargs", ["EVALUATE", "--student-kwargs", "{hiden: [8, 8]}"], "do not fit student 'mlp'"),
+    ("cli-evaluate-repeated-agent", ["EVALUATE", "--agents", "uniform,spl,uniform"], "--agents names uniform more than once"),
+    ("cli-evaluate-out-below-a-file", ["EVALUATE", "--agents", "uniform", "--out", "BELOW_A_FILE"], "cannot create --out"),
     ("cli-evaluate-grid-one-bad", ["EVALUATE", "--grid", "{dataset: [digits, mnist1d], noise_rate: [0.2, 1.0]}"], "in [0, 1)"),
     (
         "cli-evaluate-agent-option",
@@ -249,6 +262,11 @@ def test_bad_actions(name, act, error, message):
 def test_bad_env_configuration(tmp_path, name, kwargs, error, message):
     if kwargs.get("data_root") == "EMPTY":
         kwargs = {**kwargs, "data_root": str(tmp_path)}
+    if kwargs.get("data_root") == "DAMAGED_GZIP":  # every MNIST file there, none of them gzip
+        (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            (tmp_path / "MNIST" / "raw" / f"{stem}.gz").write_bytes(b"not gzip")
+        kwargs = {**kwargs, "data_root": str(tmp_path)}
     with pytest.raises(error) as info:
         make_env(**kwargs)
     assert message in str(info.value)
@@ -272,13 +290,19 @@ def test_bad_command_lines(tmp_path, capsys, trained_run, trained_rl_run, name, 
         "A_FILE": ("a_file", "not a folder"), "MOMENTUM_YAML": ("m.yaml", "momentum: -3\n"),
         "BOOL_INT_YAML": ("b.yaml", "n_envs: true\n"), "STRING_BOOL_YAML": ("p.yaml", "download: 'no'\n"),
         "BAD_NUMBER_YAML": ("n.yaml", "teacher_lr: fast\n"), "THRESHOLDS_YAML": ("t.yaml", "thresholds: 0.5\n"),
+        "HUGE_INT_YAML": ("h.yaml", f"lr: {10**400}\n"),
     }  # fmt: skip
+    if "BELOW_A_FILE" in argv:
+        (tmp_path / "a_file").write_text("not a folder")
     resolved = []
     for arg in argv:
         if arg in files:
             (tmp_path / files[arg][0]).write_text(files[arg][1])
             arg = str(tmp_path / files[arg][0])
-        resolved.append({"EMPTY": str(tmp_path / "empty"), "RUN": str(trained_run), "RL_RUN": str(trained_rl_run)}.get(arg, arg))
+        resolved.append(
+            {"EMPTY": str(tmp_path / "empty"), "RUN": str(trained_run), "RL_RUN": str(trained_rl_run),
+             "BELOW_A_FILE": str(tmp_path / "a_file" / "run")}.get(arg, arg)
+        )  # fmt: skip
     digests = [_folder_digest(trained_run), _folder_digest(trained_rl_run)]
     with pytest.raises(SystemExit) as info:
         if resolved[0] == "EVALUATE":
@@ -310,6 +334,37 @@ def test_resume_may_extend_a_finished_run_and_reads_its_own_config(tmp_path):
     assert "noise: pairflip" in after and "agent: mwnet" in after and "steps: 60" in after and before != after
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records][-1] == 60 and 0 <= summary["final_test_acc"] <= 1
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda run: (run / "config.yaml").write_text(""), "does not describe a run: expected a mapping"),
+        (lambda run: (run / "config.yaml").write_text("[1, 2]\n"), "does not describe a run: expected a mapping"),
+        (lambda run: (run / "metrics.jsonl").write_text("{broken\n" + (run / "metrics.jsonl").read_text()), "line 1 is not"),
+    ],
+    ids=["empty-config", "config-a-list", "broken-metrics-line"],
+)
+def test_resume_of_a_damaged_run_is_refused_and_changes_nothing(tmp_path, capsys, trained_run, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    damage(run)
+    digest = _folder_digest(run)
+    with pytest.raises(SystemExit) as info:
+        train_teacher.main(["--out", str(run), "--resume", "--steps", "60", "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err, err
+    assert _folder_digest(run) == digest
+
+
+def test_resume_drops_a_metrics_line_cut_by_a_crash(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4')  # what a crash mid-write leaves
+    train_teacher.main(["--out", str(run), "--resume", "--steps", "60", "--no-progress"])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 60
 
 
 def test_console_scripts_exit_0_on_success(tmp_path):

@@ -45,6 +45,27 @@ def test_a_failing_job_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     assert len(rows) == 4 and "## Failed runs" not in (tmp_path / "r" / "report.md").read_text(), "resume retried it"
 
 
+def test_when_every_job_fails_the_report_says_so_and_draws_no_plots(tmp_path, monkeypatch):
+    def fail(job, checkpoint=None):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(evaluate, "run_job", fail)
+    assert _evaluate(tmp_path / "r", "--agents", "uniform", "--seeds", "2") == []
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert report.count("RuntimeError: simulated failure") == 2 and "Plots:" not in report
+    assert not list((tmp_path / "r").glob("*.png"))
+
+
+def test_resume_skips_log_lines_that_are_not_run_records(tmp_path):
+    rows = _evaluate(tmp_path / "r", "--agents", "uniform", "--seeds", "2")
+    log = tmp_path / "r" / "runs.jsonl"
+    first, second = log.read_text().splitlines()
+    log.write_text("\n".join([first, '{"no": "key"}', "[1, 2]", ""]))  # the second run's record lost, two stray lines
+    resumed = _evaluate(tmp_path / "r", "--agents", "uniform", "--seeds", "2", "--resume")
+    assert DETERMINISTIC(resumed) == DETERMINISTIC(rows)
+    assert len(evaluate.read_finished(log)) == 2
+
+
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_sweep(tmp_path):
     argv = [sys.executable, str(ROOT / "evaluate.py"), *SMALL, "--agents", "uniform,small_loss,spl", "--seeds", "3"]
