@@ -27,7 +27,8 @@ from students.noise import NOISE_TYPES
 def field(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with a one-line description that becomes its ``--help``. ``checks``:
     ``choices``, ``low`` / ``high`` (inclusive bounds), ``above`` / ``below`` (exclusive bounds), ``parse``
-    (converter of the flag's text)."""
+    (converter of the flag's text), ``default_text`` (what ``--help`` shows as the default, where the
+    default value itself, e.g. None, would not say it)."""
     return dataclasses.field(default=default, metadata={"help": help, **checks})
 
 
@@ -199,6 +200,9 @@ def _as_axes(setting: Any, base: EnvSetting) -> dict[str, Any]:
     """One explicit setting of a grid list as one-value axes."""
     if not isinstance(setting, dict):
         raise ValueError(f"grid: a list of settings must hold mappings such as '{{dataset: digits}}', got {setting!r}")
+    lists = [k for k, v in setting.items() if k != "student_kwargs" and isinstance(v, (list, dict))]
+    if lists:  # each entry is one setting; several values go in a grid mapping instead
+        raise ValueError(f"grid: a setting of a list takes one value per key; {', '.join(lists)} of {setting!r} is not one")
     axes = {k: [v] for k, v in setting.items() if k != "student_kwargs"}
     if "student_kwargs" in setting:
         axes["student_kwargs"] = {setting.get("student", base.student): setting["student_kwargs"]}

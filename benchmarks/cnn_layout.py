@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,7 +55,9 @@ LAYOUTS = {
 }
 
 
-def candidates(layout, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+def candidates(
+    layout: Callable[[nn.Module, torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict:
     """The student in ``layout``, without autograd and with a backward to its parameters."""
 
     def forward() -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import gymnasium as gym
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,7 +71,7 @@ def add_ratios(timings: dict[str, dict], base: str, key: str) -> None:
         t[key], t[f"{key}_min"], t[f"{key}_max"] = statistics.median(ratios), min(ratios), max(ratios)
 
 
-def plain_training_step(env, student: str, batch_size: int, device: torch.device) -> Callable[[], None]:
+def plain_training_step(env: gym.Env, student: str, batch_size: int, device: torch.device) -> Callable[[], None]:
     """One step of a plain PyTorch loop (module forward, backward, torch.optim.SGD) on the env's
     data and student architecture: the baseline every ratio is measured against."""
     from torch.nn import functional as F

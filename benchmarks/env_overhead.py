@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DATA_ROOT, add_ratios, interleaved, machine, plain_training_step, save  # noqa: E402
 from envs import env_factory  # noqa: E402
 from envs.observation import NEIGHBOURS, has_direction, nearest_neighbours, neighbour_similarity, unit_directions  # noqa: E402
-from envs.teaching import resolve_device  # noqa: E402
+from envs.teaching import TeachingEnv, resolve_device  # noqa: E402
 
 
 def measure(dataset: str, student: str, batch_size: int, device: torch.device, calls: int, rounds: int) -> dict:
@@ -45,7 +45,7 @@ def measure(dataset: str, student: str, batch_size: int, device: torch.device, c
     return {"dataset": dataset, "student": student, "batch_size": batch_size, "timings": timings, "parts": parts}
 
 
-def step_parts(env, ones: torch.Tensor, batches: int = 16) -> dict:
+def step_parts(env: TeachingEnv, ones: torch.Tensor, batches: int = 16) -> dict:
     """The env step's main parts as closures on ``env`` (its sampler's batches, its handle, its feature
     builder), beside a plain step of its own, each run alone. The features are computed on ``batches``
     batches forwarded beforehand, in turn (on one batch over and over, top-k would meet the same data)."""

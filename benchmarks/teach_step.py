@@ -20,10 +20,12 @@ import argparse
 import multiprocessing
 import resource
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -54,14 +56,14 @@ TEACHERS = {
 }
 
 
-def cifar_shaped(name: str, data_root, download) -> tuple[np.ndarray, ...]:
+def cifar_shaped(name: str, data_root: str | None, download: bool) -> tuple[np.ndarray, ...]:
     """Random data of CIFAR's shape and size: timing depends on shapes only (CIFAR is not on disk here)."""
     rng = np.random.default_rng(0)
     x = rng.random((50_000, 3, 32, 32), dtype=np.float32)
     return x, rng.integers(0, 10, 50_000), x[:10_000], rng.integers(0, 10, 10_000)
 
 
-def make_env(config: dict, batch_size: int, device: torch.device, **overrides: Any):
+def make_env(config: dict, batch_size: int, device: torch.device, **overrides: Any) -> tuple[gym.Env, dict]:
     env = env_factory(
         **config, batch_size=batch_size, horizon=10**9, eval_every=10**9, device=str(device), data_root=str(DATA_ROOT),
         tensor_obs=True, disable_env_checker=True, **overrides,
@@ -70,7 +72,7 @@ def make_env(config: dict, batch_size: int, device: torch.device, **overrides: A
     return env, obs
 
 
-def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, device: torch.device):
+def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, device: torch.device) -> Callable[[], Any]:
     """A closure doing one full teaching step (``agents.loop.teach``) on its own env and teacher (the
     env computes what the teacher reads, as in ``evaluate.py``)."""
     env, _ = make_env(config, batch_size, device, **agent_class(agent).env_settings(kwargs))
@@ -79,7 +81,7 @@ def teaching_step(agent: str, kwargs: dict, config: dict, batch_size: int, devic
     return lambda: teach(run, 1)
 
 
-def peak_memory(step, calls: int, device: torch.device) -> float | None:
+def peak_memory(step: Callable[[], Any], calls: int, device: torch.device) -> float | None:
     """Peak GPU memory (MiB) over ``calls`` steps; None on the CPU."""
     if device.type != "cuda":
         return None

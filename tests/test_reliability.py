@@ -222,6 +222,7 @@ CLI_CASES = [
     ("cli-evaluate-train-size-0", ["EVALUATE", "--train-size", "0"], "--train-size must be >= 1"),
     ("cli-evaluate-val-too-large", ["EVALUATE", "--val-size", "5000"], "more than the"),
     ("cli-evaluate-bad-student-kwargs", ["EVALUATE", "--student-kwargs", "{hiden: [8, 8]}"], "do not fit student 'mlp'"),
+    ("cli-evaluate-grid-list-of-lists", ["EVALUATE", "--grid", "[{student: [mlp]}]"], "takes one value per key; student"),
     ("cli-evaluate-repeated-agent", ["EVALUATE", "--agents", "uniform,spl,uniform"], "--agents names uniform more than once"),
     ("cli-evaluate-out-below-a-file", ["EVALUATE", "--agents", "uniform", "--out", "BELOW_A_FILE"], "cannot create --out"),
     ("cli-evaluate-grid-one-bad", ["EVALUATE", "--grid", "{dataset: [digits, mnist1d], noise_rate: [0.2, 1.0]}"], "in [0, 1)"),
