@@ -61,7 +61,12 @@ from runconfig import (
 from students.data import DatasetNotFoundError, check_name
 from sweeps import BACKENDS, Sweep, checkpoint_file, read_finished
 
-PRETRAIN_ON = ("others", "own")  # --leave-one-out pre-trains on the grid's other settings, or (the reference) on its own
+# --leave-one-out pre-trains, per held-out setting, on: (the label of its teachers, the infix of their folders)
+PRETRAIN_ON = {
+    "others": ("held-out", "without"),  # the grid's other settings
+    "other-datasets": ("held-out-dataset", "without-dataset"),  # the grid's settings on another dataset
+    "own": ("own-setting", "on"),  # the setting itself (the reference)
+}
 TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
 
@@ -95,9 +100,10 @@ class EvalConfig(EnvSetting, StudentTraining):
     )
     pretrain_on: str = field(
         "others",
-        "--leave-one-out: what each setting's teachers pre-train on: others (the grid's other settings: transfer) or own "
-        "(the setting itself, on the pre-training seeds: the reference, what a frozen teacher pre-trained alike reaches "
-        "with no change of setting)",
+        "--leave-one-out: what each setting's teachers pre-train on: others (the grid's other settings: transfer), "
+        "other-datasets (the grid's settings on another dataset: transfer to a dataset never seen) or own (the setting "
+        "itself, on the pre-training seeds: the reference, what a frozen teacher pre-trained alike reaches with no "
+        "change of setting)",
         choices=list(PRETRAIN_ON),
     )
     pretrain_steps: int = field(6000, "--leave-one-out: student updates of each pre-training (episodes of --steps)", low=1)
@@ -105,7 +111,8 @@ class EvalConfig(EnvSetting, StudentTraining):
     pretrain_seeds: int = field(
         1,
         "--leave-one-out: pre-trainings per held-out setting, on disjoint seed ranges; each is reported as "
-        "<agent>@held-out#k (<agent>@own-setting#k with --pretrain-on own), and the report adds the spread between them "
+        "<agent>@held-out#k (@held-out-dataset#k, @own-setting#k with --pretrain-on other-datasets, own), and the report "
+        "adds the spread between them "
         "(a transfer result varies with the pre-training)",
         low=1,
     )
@@ -187,6 +194,9 @@ class EvalConfig(EnvSetting, StudentTraining):
                 raise ValueError(f"--leave-one-out pre-trains an online teacher; {self.leave_one_out!r} is not one")
             if self.pretrain_on == "others" and len(self.settings) < 2:
                 raise ValueError("--leave-one-out needs a grid of at least two settings (or --pretrain-on own)")
+            alone = [setting_label(s) for s in self.settings if not pretraining_settings("other-datasets", s, self.settings)]
+            if self.pretrain_on == "other-datasets" and alone:
+                raise ValueError(f"--pretrain-on other-datasets: no setting of the grid on another dataset than {alone[0]}'s")
         self._check_pretrain_options()
         if self.tune and self.tune_seed < self.seed + self.seeds and self.seed < self.tune_seed + self.tune_seeds:
             raise ValueError(
@@ -536,24 +546,22 @@ def as_flags(values: dict[str, Any]) -> list[str]:
 
 def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     """For every setting S of the grid, ``--pretrain-seeds`` teachers of the ``--leave-one-out`` agent,
-    each pre-trained by train_teacher.py on the other settings (on S itself with ``--pretrain-on own``;
+    each pre-trained by train_teacher.py on the settings ``--pretrain-on`` gives (``pretraining_settings``;
     episodes of ``--steps`` updates, cycling) in ``out/pretrained/``, on disjoint seed ranges; a finished
-    one is reused, an interrupted one resumed from its last checkpoint. Returns setting (JSON) -> {label: run folder}, the label ``<agent>@held-out``
-    (``<agent>@own-setting`` with ``own``; ``#k`` with several)."""
+    one is reused, an interrupted one resumed from its last checkpoint. Returns setting (JSON) -> {label:
+    run folder}, the label ``<agent>@<PRETRAIN_ON's label>`` (``#k`` with several)."""
     import train_teacher
 
     student = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(StudentTraining)}
     data = ["--data-root", cfg.data_root] if cfg.data_root else []
     data += ["--download"] if cfg.download else []
     paths: dict[str, dict[str, str]] = {}
-    own = cfg.pretrain_on == "own"
+    label, infix = PRETRAIN_ON[cfg.pretrain_on]
     for i, setting in enumerate(cfg.settings):
-        others = [setting] if own else [s for s in cfg.settings if s != setting]
+        others = pretraining_settings(cfg.pretrain_on, setting, cfg.settings)
         options = cfg.held_out_options(setting_label(setting))
         resolved = recorded_options(cfg.leave_one_out, options)
-        folder = (
-            f"{i}-{cfg.leave_one_out}-{'on' if own else 'without'}-{setting_label(setting).replace('/', '-').replace(' ', '')}"
-        )
+        folder = f"{i}-{cfg.leave_one_out}-{infix}-{setting_label(setting).replace('/', '-').replace(' ', '')}"
         for k in range(cfg.pretrain_seeds):
             argv = [
                 "--agent", cfg.leave_one_out, "--grid", json.dumps(others), "--steps", str(cfg.pretrain_steps),
@@ -570,9 +578,18 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
                 if not resume:
                     shutil.rmtree(run, ignore_errors=True)
                 train_teacher.main([*argv, *as_flags(options), *data, "--out", str(run), *resume])
-            name = f"{cfg.leave_one_out}@{'own-setting' if own else 'held-out'}" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
+            name = f"{cfg.leave_one_out}@{label}" + (f"#{k + 1}" if cfg.pretrain_seeds > 1 else "")
             paths.setdefault(json.dumps(setting, sort_keys=True), {})[name] = str(run)
     return paths
+
+
+def pretraining_settings(mode: str, held_out: dict[str, Any], settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings a teacher for ``held_out`` pre-trains on under ``--pretrain-on mode`` (``PRETRAIN_ON``)."""
+    if mode == "own":
+        return [held_out]
+    if mode == "other-datasets":
+        return [s for s in settings if s["dataset"] != held_out["dataset"]]
+    return [s for s in settings if s != held_out]
 
 
 def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:

@@ -45,7 +45,7 @@ from sweeps import append_line, read_finished  # noqa: E402
 
 SUITES = (
     "mnist1d", "digits", "mnist", "mnist1d_final_tuned", "digits_final_tuned", "mnist_final_tuned", "transfer_tuning", "transfer",
-    "transfer_own", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
+    "transfer_own", "transfer_dataset", "ablation", "layers_mnist1d", "layers_digits", "layers_mnist", "rl",
 )  # fmt: skip
 # <suite>_final_tuned: the suite again, every method tuned for the final held-out accuracy (--tune-by final_val_acc),
 # the metric its final column reads; it reuses the suite's tuning runs and the report runs its choices share
@@ -537,7 +537,7 @@ def section(name: str, out: Path | None) -> list[str]:
             f"this second protocol exists, and what was known when it was added: see the protocol at the top.",
             "",
         ]
-    if name in ("transfer", "transfer_own"):
+    if name in ("transfer", "transfer_own", "transfer_dataset"):
         lines += [pretraining_options(results), ""]
     if name == "transfer_own":
         config = results["config"]
@@ -550,7 +550,24 @@ def section(name: str, out: Path | None) -> list[str]:
             "transfer suite's result is lost to the change, not a bound on it (a pre-training on other settings sees "
             "more of them).",
             "",
-            *own_against_transfer(out, out.parent / "transfer"),
+            *pretraining_comparison([("its own setting", out), ("the other settings (transfer)", out.parent / "transfer")]),
+        ]
+    if name == "transfer_dataset":
+        lines += [
+            "Leave-one-*dataset*-out: the transfer suite's teachers (same options per held-out setting, seeds and budget) "
+            "pre-trained only on the settings of the other dataset (a digits setting's on both mnist1d settings, and the "
+            "reverse), frozen, on the same fresh students. In the transfer suite each held-out setting's pre-training "
+            "included the other noise type of its own dataset; here the teacher has never seen the dataset it teaches on. "
+            "The options per held-out setting are the transfer search's choices, made from the tuning runs of the three "
+            "other settings, one of them on the held-out setting's dataset: the options, not the teachers, have seen it.",
+            "",
+            *pretraining_comparison(
+                [
+                    ("its own setting", out.parent / "transfer_own"),
+                    ("the other settings (transfer)", out.parent / "transfer"),
+                    ("the other dataset's settings", out),
+                ]
+            ),
         ]
     lines += ["### " + tables]
     lines += ["### What the numbers say", "", *reading(summary), ""]
@@ -569,14 +586,15 @@ def section(name: str, out: Path | None) -> list[str]:
     return lines
 
 
-def own_against_transfer(own: Path, transfer: Path) -> list[str]:
-    """Per setting, the frozen teachers pre-trained on it (``own``) beside those pre-trained on the other settings
-    (``transfer``): each group's mean over its pre-trainings [95% t-interval over them] of the paired Δ against
-    uniform, and its mean AUROC."""
-    if not (transfer / "results.json").exists():
+def pretraining_comparison(sources: list[tuple[str, Path]]) -> list[str]:
+    """Per setting, its frozen teachers by what they were pre-trained on (``sources``: a description and the
+    leave-one-out suite's folder, those not yet run left out): each group's mean over its pre-trainings [95%
+    t-interval over them] of the paired Δ against uniform, and its mean AUROC."""
+    sources = [(source, out) for source, out in sources if (out / "results.json").exists()]
+    if len(sources) < 2:
         return []
     rows: dict[tuple, list[str]] = {}
-    for source, out in (("its own setting", own), ("the other settings (transfer)", transfer)):
+    for source, out in sources:
         summary = json.loads((out / "results.json").read_text())["summary"]
         for (setting, _), numbered in pretraining_groups(summary).items():
             group = [line for _, line in numbered]
@@ -594,7 +612,7 @@ def pretraining_options(results: dict[str, Any]) -> str:
     results.json (the config it ran with, not today's suite file)."""
     config = results["config"]
     agent = config["leave_one_out"]
-    where = "on" if config.get("pretrain_on") == "own" else "held out"
+    where = "on" if config.get("pretrain_on") == "own" else "held out"  # others and other-datasets hold it out
     per_setting = []
     for label in dict.fromkeys(setting_label(r) for r in results["runs"]):
         options = evaluate.held_out_options(config["agent_options"], config.get("pretrain_options"), agent, label)

@@ -158,6 +158,10 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--pretrain-on", "own"], "--pretrain-on sets the pre-trainings of --leave-one-out, which is not given"),
         (["--leave-one-out", "meta_grad"], "at least two settings (or --pretrain-on own)"),
         (
+            ["--leave-one-out", "meta_grad", "--pretrain-on", "other-datasets", "--grid", "{noise: [symmetric, pairflip]}"],
+            "--pretrain-on other-datasets: no setting of the grid on another dataset than digits/mlp/symmetric 0.4's",
+        ),
+        (
             ["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-seed", "0"],
             "the pre-trainings meet seeds 0..149, which overlap the reported seeds 0..2: the frozen teachers would",
         ),
@@ -397,6 +401,23 @@ def test_the_own_setting_reference_pretrains_on_the_setting_itself(tmp_path):
     one = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--leave-one-out", "meta_grad", "--pretrain-on", "own",
                     "--pretrain-steps", "40", "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}", name="one")  # fmt: skip
     assert {r["agent"] for r in one} == {"uniform", "meta_grad@own-setting"}
+
+
+def test_leave_one_dataset_out_pretrains_on_the_other_datasets_settings_only(tmp_path):
+    grid = "[{dataset: digits, noise: symmetric}, {dataset: digits, noise: pairflip}, {dataset: mnist1d}]"
+    rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", grid, "--leave-one-out", "meta_grad",
+                     "--pretrain-on", "other-datasets", "--pretrain-steps", "40",
+                     "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}")  # fmt: skip
+    trained_on = {(r["dataset"], r["noise"]): r["trained_on"] for r in rows if r["agent"] == "meta_grad@held-out-dataset"}
+    assert trained_on == {
+        ("digits", "symmetric"): "mnist1d/mlp/symmetric 0.4 (seeds 10000-10000)",
+        ("digits", "pairflip"): "mnist1d/mlp/symmetric 0.4 (seeds 10000-10000)",
+        ("mnist1d", "symmetric"): "digits/mlp/symmetric 0.4; digits/mlp/pairflip 0.4 (seeds 10000-10000)",
+    }
+    folders = sorted(
+        p.name.split("-without-dataset-")[1].rsplit("-", 1)[0] for p in (tmp_path / "report" / "pretrained").iterdir()
+    )
+    assert folders == ["digits-mlp-pairflip0.4", "digits-mlp-symmetric0.4", "mnist1d-mlp-symmetric0.4"]
 
 
 def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):

@@ -184,12 +184,13 @@ def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
     assert config["pretrain_options"] == results.transfer_choice(out)
 
 
-def test_the_own_setting_reference_differs_from_the_transfer_suite_only_in_what_it_pre_trains_on():
+@pytest.mark.parametrize("name,pretrain_on", [("transfer_own", "own"), ("transfer_dataset", "other-datasets")])
+def test_the_reference_and_leave_one_dataset_out_suites_differ_from_transfer_only_in_what_they_pre_train_on(name, pretrain_on):
     transfer = yaml.safe_load(results.TRANSFER_SUITE.read_text())
-    own = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_own.yaml").read_text())
-    assert own.pop("pretrain_on") == "own" and transfer.get("pretrain_on", "others") == "others"
-    assert set(own.pop("agents").split(",")) <= set(transfer.pop("agents").split(","))
-    assert own == transfer
+    other = yaml.safe_load((results.TRANSFER_SUITE.parent / f"{name}.yaml").read_text())
+    assert other.pop("pretrain_on") == pretrain_on and transfer.get("pretrain_on", "others") == "others"
+    assert set(other.pop("agents").split(",")) <= set(transfer.pop("agents").split(","))
+    assert other == transfer
 
 
 def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transferred_ones(tmp_path):
@@ -199,16 +200,24 @@ def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transfer
         return {"agent": agent, "dataset": dataset, "student": student, "noise": noise, "noise_rate": float(rate), "student_kwargs": "null",
                 "vs_uniform_final": {"mean": final}, "vs_uniform": {"mean": best}, "auroc": {"mean": auroc}}  # fmt: skip
 
-    for name, agent, finals in (("own", "meta_grad@own-setting", (0.10, 0.20)), ("transfer", "meta_grad@held-out", (-0.1, 0.0))):
+    groups = (
+        ("own", "meta_grad@own-setting", (0.10, 0.20)),
+        ("transfer", "meta_grad@held-out", (-0.1, 0.0)),
+        ("dataset", "meta_grad@held-out-dataset", (-0.3, -0.2)),
+    )
+    for name, agent, finals in groups:
         lines = [summary(f"{agent}#{k + 1}", MNIST1D, f, f / 2, 0.8 + f) for k, f in enumerate(finals)]
         lines.append(summary("uniform", MNIST1D, 0.0, 0.0, 0.5))
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"summary": lines}))
-    table = results.own_against_transfer(tmp_path / "own", tmp_path / "transfer")
+    sources = [("its own setting", tmp_path / "own"), ("the other settings", tmp_path / "transfer")]
+    table = results.pretraining_comparison([*sources, ("the other dataset's", tmp_path / "dataset")])
     assert table[2].startswith(f"| {MNIST1D} | its own setting (2 pre-trainings) | +15.0 [")
     assert table[2].endswith("| 0.950 |") and "+7.5 [" in table[2]
-    assert table[3].startswith(f"| {MNIST1D} | the other settings (transfer) (2 pre-trainings) | -5.0 [")
-    assert results.own_against_transfer(tmp_path / "own", tmp_path / "missing") == []
+    assert table[3].startswith(f"| {MNIST1D} | the other settings (2 pre-trainings) | -5.0 [")
+    assert table[4].startswith(f"| {MNIST1D} | the other dataset's (2 pre-trainings) | -25.0 [") and len(table) == 6
+    assert results.pretraining_comparison([*sources, ("not run yet", tmp_path / "missing")]) == table[:4] + table[5:]
+    assert results.pretraining_comparison([sources[0], ("not run yet", tmp_path / "missing")]) == []
 
 
 def test_the_transfer_section_names_the_options_its_teachers_were_pre_trained_with():
