@@ -94,8 +94,8 @@ class EvalConfig(EnvSetting, StudentTraining):
     )
     leave_one_out: str | None = field(
         None,
-        "pre-train this agent on all settings of the grid but one (on that one itself with --pretrain-on own), and "
-        "evaluate it frozen on the one left out (its --agent-options entry applies to the pre-trainings, and to its "
+        "pre-train this agent on all settings of the grid but one (--pretrain-on picks which: by default all the "
+        "others), and evaluate it frozen on the one left out (its --agent-options entry applies to the pre-trainings, and to its "
         "online runs if it is in --agents too)",
     )
     pretrain_on: str = field(

@@ -218,7 +218,7 @@ def yaml_value(text: str) -> Any:
     """Parse a flag's value as YAML (for mappings and lists); a syntax error becomes an argparse error."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: an integer of more digits than Python converts
         raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({e.__class__.__name__})") from e
 
 
@@ -317,7 +317,7 @@ def read_yaml_config(parser: argparse.ArgumentParser, path: Path, cls: type, fla
     unknown keys exit via ``parser.error``."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: an integer of more digits than Python converts
         parser.error(f"cannot read {flag} {path}: {e}")
     if data is None:
         return {}

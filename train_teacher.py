@@ -49,7 +49,8 @@ from runconfig import (
 from students.data import DatasetNotFoundError, load_dataset
 
 RL_DEFAULT_HORIZON = 200
-RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "progress", "threads", "checkpoint_every", "out")
+# where the data is read from is not part of the run (evaluate.py resumes its pre-trainings from any checkout)
+RESUME_MAY_CHANGE = ("steps", "epochs", "resume", "progress", "threads", "checkpoint_every", "out", "data_root", "download")
 
 
 @dataclasses.dataclass
@@ -147,15 +148,15 @@ def env_kwargs(cfg: Any, horizon: int, setting: dict[str, Any] | None = None) ->
 def metrics_until(path: Path, step: int) -> list[str]:
     """The lines of a run's metrics.jsonl up to ``step`` (none when it does not exist; a last line
     that a crash cut short is dropped); ValueError, naming the file, on any other broken line."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()] if path.exists() else []
     kept = []
-    for number, line in enumerate(lines, 1):
+    for number, line in lines:
         try:
             record = json.loads(line)
             if record["step"] <= step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if number < len(lines) or not isinstance(e, json.JSONDecodeError):
+            if number < lines[-1][0] or not isinstance(e, json.JSONDecodeError):
                 raise ValueError(f"{path} line {number} is not a metrics record ({type(e).__name__}: {e})") from None
     return kept
 
@@ -252,8 +253,7 @@ def run_online(cfg: Any, run_dir: Path, envs: list[gym.Env], teacher: Teacher, s
     """Teach students one after another for ``cfg.steps`` updates (episode e on setting e mod K, reset
     with seed + e), the teacher learning online, continuing from the checkpoint ``saved`` when resuming."""
     step, episode = 0, 0
-    if saved is not None:
-        teacher.load_state_dict(saved["state"])
+    if saved is not None:  # the teacher's state is restored already (main)
         step, episode = saved["extra"]["step"], saved["extra"]["episode"]
     log = RunLog(run_dir, cfg, step)
     bar = ProgressBar(
@@ -288,9 +288,7 @@ def run_episodic(cfg: Any, run_dir: Path, probe: gym.Env, teacher: Teacher, save
     frozen, for the summary."""
     make_env = env_factory(**env_kwargs(cfg, rl_horizon(cfg)))
     done_steps = 0
-    if saved is not None:
-        teacher.trained_on = saved["obs_spec"]
-        teacher.load_state_dict(saved["state"])
+    if saved is not None:  # the teacher's state is restored already (main)
         done_steps = saved["extra"]["step"]
     log = RunLog(run_dir, cfg, done_steps)
     bar = ProgressBar(cfg.steps, done_steps, f"{cfg.agent} on {cfg.dataset}", cfg.progress).bar
@@ -386,7 +384,7 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
         stored = yaml.safe_load(config_file.read_text(encoding="utf-8"))
     except CheckpointError as e:
         fail(str(e))
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: an integer of more digits than Python converts
         fail(f"--resume cannot read {config_file}: {e}")
     if not isinstance(stored, dict):
         fail(f"{config_file} does not describe a run: expected a mapping of settings, got {stored!r}")
@@ -414,7 +412,8 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse and check everything (building the env and teacher), then prepare the run folder,
     train, and print and save the summary. A refused command writes nothing (but for a resume whose
-    checkpoint holds an env state that no longer loads: that is found once config.yaml is rewritten)."""
+    checkpoint holds an env state that no longer loads: that is found once config.yaml and the run's log
+    are rewritten)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(config_class(), argv, __doc__.splitlines()[0])
     run_dir = cfg.run_dir
@@ -438,6 +437,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             env, teacher = build_online(cfg)  # one env per setting
         if saved is not None and saved["extra"]["step"] > cfg.steps:
             raise ValueError(f"the run already took {saved['extra']['step']} steps; --steps {cfg.steps} would shorten it")
+        if saved is not None:
+            teacher.trained_on = saved["obs_spec"]  # an SB3 teacher rebuilds its policy for that batch size
+            try:
+                teacher.load_state_dict(saved["state"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(
+                    f"{run_dir / 'teacher.pt'}: the saved teacher state does not fit {cfg.agent!r}: {e}"
+                ) from None
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(run_dir / "config.yaml", to_yaml(cfg))

@@ -180,8 +180,9 @@ def unit_directions(layers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def has_direction(norm: torch.Tensor) -> torch.Tensor:
-    """Which hidden states (by their ``norm``) point somewhere: not all-zero, and finite (an infinite
-    or NaN state's unit vector is NaN)."""
+    """Which hidden states (by their ``norm``) point somewhere: a norm that is neither zero nor
+    non-finite (an infinite or NaN state's unit vector is NaN; a finite one whose float32 norm
+    overflows gets a zero unit vector, which has no direction either)."""
     return torch.isfinite(norm) & (norm > 0)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import gzip
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:  # a damaged or cut gzip stream, an unreadable file
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or cut gzip stream, an unreadable file
         raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
     magic = int.from_bytes(data[:4], "big")
     ndim = magic & 0xFF

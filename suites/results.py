@@ -1,5 +1,5 @@
 """Regenerate docs/results.md: the honest benchmark on every offline setting, and the
-leave-one-setting-out transfer of a pre-trained teacher.
+leave-one-setting-out and leave-one-dataset-out transfer of a pre-trained teacher.
 
     python suites/results.py                 # about 3.5 hours from scratch on 2 CPU cores; resumes if interrupted
     python suites/results.py --only digits   # one suite (docs/results/<name>/)
@@ -559,7 +559,9 @@ def section(name: str, out: Path | None) -> list[str]:
             "reverse), frozen, on the same fresh students. In the transfer suite each held-out setting's pre-training "
             "included the other noise type of its own dataset; here the teacher has never seen the dataset it teaches on. "
             "The options per held-out setting are the transfer search's choices, made from the tuning runs of the three "
-            "other settings, one of them on the held-out setting's dataset: the options, not the teachers, have seen it.",
+            "other settings, one of them on the held-out setting's dataset: the options, not the teachers, have seen it. "
+            "Two held-out settings of one dataset pre-train on the same settings; given the same options (as both digits "
+            "settings are here) they are taught by the same teachers, pre-trained once for each.",
             "",
             *pretraining_comparison(
                 [

@@ -27,7 +27,7 @@ def test_students_return_logits_and_two_named_hidden_layers(name):
     assert all(h.ndim == 2 and h.shape[0] == 5 for h in hidden.values())
 
 
-@pytest.mark.parametrize("name", ["resnet20"])  # the built-in student with BatchNorm (cnn and mlp have no buffers)
+@pytest.mark.parametrize("name", ["resnet20", "resnet32"])  # the built-in students with BatchNorm (cnn, mlp have no buffers)
 def test_functional_call_updates_batchnorm_buffers_only_in_train_mode(name):
     student = FunctionalStudent(make_student(name, SHAPES[name], 7, **SMALL[name]))
     params, buffers = student.initial_state()

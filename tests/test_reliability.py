@@ -3,6 +3,7 @@ for each of many bad inputs, and divergence that never stops teacher training.""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -167,6 +168,7 @@ CONSTRUCTION_CASES = [
     ("missing-data-root", dict(dataset="mnist", data_root="/nonexistent/data"), DatasetNotFoundError, "--download"),
     ("empty-data-root", dict(dataset="fashion_mnist", data_root="EMPTY"), DatasetNotFoundError, "FashionMNIST/raw"),
     ("damaged-gzip", dict(dataset="mnist", data_root="DAMAGED_GZIP"), ValueError, "cannot be read (BadGzipFile"),
+    ("damaged-gzip-payload", dict(dataset="mnist", data_root="DAMAGED_DEFLATE"), ValueError, "cannot be read (error: Error -3"),
 ]
 CHECKPOINT_CASES = [
     ("truncated", _truncated, "not a readable l2t-gym checkpoint"),
@@ -263,10 +265,13 @@ def test_bad_actions(name, act, error, message):
 def test_bad_env_configuration(tmp_path, name, kwargs, error, message):
     if kwargs.get("data_root") == "EMPTY":
         kwargs = {**kwargs, "data_root": str(tmp_path)}
-    if kwargs.get("data_root") == "DAMAGED_GZIP":  # every MNIST file there, none of them gzip
+    if kwargs.get("data_root") in ("DAMAGED_GZIP", "DAMAGED_DEFLATE"):  # every MNIST file there, none readable
+        payload = bytearray(gzip.compress(b"\x00" * 10_000))
+        payload[20] ^= 0xFF  # a flipped byte in the compressed stream, past gzip's header
+        damaged = b"not gzip" if kwargs["data_root"] == "DAMAGED_GZIP" else bytes(payload)
         (tmp_path / "MNIST" / "raw").mkdir(parents=True)
         for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-            (tmp_path / "MNIST" / "raw" / f"{stem}.gz").write_bytes(b"not gzip")
+            (tmp_path / "MNIST" / "raw" / f"{stem}.gz").write_bytes(damaged)
         kwargs = {**kwargs, "data_root": str(tmp_path)}
     with pytest.raises(error) as info:
         make_env(**kwargs)
@@ -343,8 +348,12 @@ def test_resume_may_extend_a_finished_run_and_reads_its_own_config(tmp_path):
         (lambda run: (run / "config.yaml").write_text(""), "does not describe a run: expected a mapping"),
         (lambda run: (run / "config.yaml").write_text("[1, 2]\n"), "does not describe a run: expected a mapping"),
         (lambda run: (run / "metrics.jsonl").write_text("{broken\n" + (run / "metrics.jsonl").read_text()), "line 1 is not"),
+        (
+            lambda run: _edited(lambda c: c["state"]["net"].pop("out.bias"))(run, run).replace(run / "teacher.pt"),
+            "the saved teacher state does not fit 'meta_grad'",
+        ),
     ],
-    ids=["empty-config", "config-a-list", "broken-metrics-line"],
+    ids=["empty-config", "config-a-list", "broken-metrics-line", "teacher-state-mismatch"],
 )
 def test_resume_of_a_damaged_run_is_refused_and_changes_nothing(tmp_path, capsys, trained_run, damage, message):
     run = tmp_path / "run"
@@ -365,7 +374,7 @@ def test_resume_drops_a_metrics_line_cut_by_a_crash(tmp_path, trained_run):
         f.write('{"step": 4')  # what a crash mid-write leaves
     train_teacher.main(["--out", str(run), "--resume", "--steps", "60", "--no-progress"])
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps[-1] == 60
+    assert steps == [20, 40, 60]
 
 
 def test_console_scripts_exit_0_on_success(tmp_path):
