@@ -236,8 +236,10 @@ def write_report(
         lines.append("")
     transfers = [line for line in table if line["trained_on"]]
     if transfers:
+        # a teacher pre-trained on the very setting it teaches (e.g. --pretrain-on own) is no transfer
+        moved = any(line["trained_on"].rsplit(" (seeds ", 1)[0] != setting_label(line) for line in transfers)
         lines += [
-            "## Transfer pairs",
+            "## Transfer pairs" if moved else "## Pre-trained teachers",
             "",
             "| teacher | trained on (seeds) | evaluated on (seeds) | mode | test @ best val | Δ vs uniform | AUROC |",
             "|---|---|---|---|---|---|---|",

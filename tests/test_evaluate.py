@@ -390,6 +390,8 @@ def test_the_own_setting_reference_pretrains_on_the_setting_itself(tmp_path):
         for noise in ("symmetric", "pairflip")
     }
     assert all(not r["online"] for r in own), "evaluated frozen"
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Pre-trained teachers" in report and "## Transfer pairs" not in report, "no change of setting: no transfer"
     assert sorted(p.name.split("-on-")[1].rsplit("-", 1)[0] for p in (tmp_path / "report" / "pretrained").iterdir()) == [
         "digits-mlp-pairflip0.4",
         "digits-mlp-pairflip0.4",
