@@ -173,6 +173,10 @@ def test_settings_that_choose_alike_share_the_next_coordinate_and_ties_go_to_the
     tied = [{MNIST1D: 0.5, DIGITS: 0.7}, {MNIST1D: 0.9, DIGITS: 0.7}, {MNIST1D: float("nan"), DIGITS: float("nan")}]
     assert results.best_without(candidates, tied, MNIST1D) == DECAY_A, "a tie on digits goes to the first; NaN never wins"
     assert results.best_without(candidates, tied, DIGITS) == DECAY_B
+    mnist1d_pairflip = MNIST1D.replace("symmetric", "pairflip")
+    scores = [{MNIST1D: 0.5, mnist1d_pairflip: 0.9, DIGITS: 0.6}, {MNIST1D: 0.5, mnist1d_pairflip: 0.1, DIGITS: 0.7}]
+    assert results.best_without(candidates[:2], scores, MNIST1D) == DECAY_A, "mnist1d / pair-flip's score counts"
+    assert results.best_without(candidates[:2], scores, MNIST1D, whole_dataset=True) == DECAY_B, "digits' alone"
 
 
 def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
@@ -182,6 +186,8 @@ def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
         pytest.skip("the transfer_tuning results are not in this checkout")
     config = yaml.safe_load(results.TRANSFER_SUITE.read_text())
     assert config["pretrain_options"] == results.transfer_choice(out)
+    by_dataset = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_dataset.yaml").read_text())
+    assert by_dataset["pretrain_options"] == results.transfer_choice(out, whole_dataset=True)
 
 
 @pytest.mark.parametrize("name,pretrain_on", [("transfer_own", "own"), ("transfer_dataset", "other-datasets")])
@@ -190,6 +196,8 @@ def test_the_reference_and_leave_one_dataset_out_suites_differ_from_transfer_onl
     other = yaml.safe_load((results.TRANSFER_SUITE.parent / f"{name}.yaml").read_text())
     assert other.pop("pretrain_on") == pretrain_on and transfer.get("pretrain_on", "others") == "others"
     assert set(other.pop("agents").split(",")) <= set(transfer.pop("agents").split(","))
+    if name == "transfer_dataset":  # its options are chosen on the other dataset's settings alone (the next test)
+        assert other.pop("pretrain_options").keys() == transfer.pop("pretrain_options").keys()
     assert other == transfer
 
 
