@@ -174,7 +174,8 @@ def write_report(
     out: Path, config: dict[str, Any], table: list[dict[str, Any]], tuning: list[dict[str, Any]], failures: list[dict[str, str]]
 ) -> None:
     """report.md: the settings, one table per setting sorted by test accuracy at best validation
-    accuracy, paired differences, the tuned values, the transfer pairs with their seeds, and the
+    accuracy, paired differences, the tuned values, the pre-trained teachers (transfer pairs when a teacher
+    changes setting) with their seeds, and the
     jobs that failed (left out of every statistic above)."""
     skip = {"agents", "teachers", "out", "progress", "workers", "resume", "backend", "ray_address", "job_cpus", "job_gpus"}
     lines = ["# Teacher benchmark", "", "## Settings", ""]

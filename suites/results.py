@@ -571,9 +571,10 @@ def section(name: str, out: Path | None) -> list[str]:
             "same fresh students. In the transfer suite each held-out setting's pre-training included the other noise type "
             "of its own dataset; here the teacher has never seen the dataset it teaches on. The options per held-out "
             "setting come from the transfer search with its criterion read on the other dataset's settings alone, so no "
-            "score of the held-out dataset's students takes part (the teachers behind those scores were pre-trained with "
-            "it among their settings); they equal the transfer suite's except for held-out mnist1d / symmetric (teacher_lr "
-            "0.003 instead of 0.001). Two held-out settings of one dataset pre-train on the same settings with, here, the "
+            "score of the held-out dataset's students enters the choice (they did shape the candidates: the last "
+            "coordinate's teacher_lr values are those the online suites tuned on every setting's own students; and the "
+            "teachers behind the scores were pre-trained with the held-out dataset among their settings); they equal the "
+            "transfer suite's except for held-out mnist1d / symmetric (teacher_lr 0.003 instead of 0.001). Two held-out settings of one dataset pre-train on the same settings with, here, the "
             "same options: each dataset's two settings are taught by the same three teachers, pre-trained once for each.",
             "",
             *pretraining_comparison(

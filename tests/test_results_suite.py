@@ -196,7 +196,7 @@ def test_the_reference_and_leave_one_dataset_out_suites_differ_from_transfer_onl
     other = yaml.safe_load((results.TRANSFER_SUITE.parent / f"{name}.yaml").read_text())
     assert other.pop("pretrain_on") == pretrain_on and transfer.get("pretrain_on", "others") == "others"
     assert set(other.pop("agents").split(",")) <= set(transfer.pop("agents").split(","))
-    if name == "transfer_dataset":  # its options are chosen on the other dataset's settings alone (the next test)
+    if name == "transfer_dataset":  # its options: the other dataset's settings' choice (test_transfer_yaml_pre_trains...)
         assert other.pop("pretrain_options").keys() == transfer.pop("pretrain_options").keys()
     assert other == transfer
 
