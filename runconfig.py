@@ -214,11 +214,16 @@ def setting_label(setting: dict[str, Any]) -> str:
     return f"{setting['dataset']}/{setting['student']}/{setting['noise']} {setting['noise_rate']}"
 
 
+# what yaml.safe_load raises on text it cannot load: its own errors, and ValueError for an integer of more
+# digits than Python converts
+YAML_ERRORS = (yaml.YAMLError, ValueError)
+
+
 def yaml_value(text: str) -> Any:
     """Parse a flag's value as YAML (for mappings and lists); a syntax error becomes an argparse error."""
     try:
         return yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:  # ValueError: an integer of more digits than Python converts
+    except YAML_ERRORS as e:
         raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({e.__class__.__name__})") from e
 
 
@@ -317,7 +322,7 @@ def read_yaml_config(parser: argparse.ArgumentParser, path: Path, cls: type, fla
     unknown keys exit via ``parser.error``."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: an integer of more digits than Python converts
+    except (OSError, *YAML_ERRORS) as e:
         parser.error(f"cannot read {flag} {path}: {e}")
     if data is None:
         return {}

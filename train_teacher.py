@@ -33,6 +33,7 @@ from envs import env_factory
 from envs.rewards import REWARDS
 from reporting import atomic_write, curve_summary
 from runconfig import (
+    YAML_ERRORS,
     EnvSetting,
     StudentTraining,
     build_parser,
@@ -384,7 +385,7 @@ def resumed_config(cfg: Any, argv: list[str], run_dir: Path) -> tuple[Any, dict[
         stored = yaml.safe_load(config_file.read_text(encoding="utf-8"))
     except CheckpointError as e:
         fail(str(e))
-    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: an integer of more digits than Python converts
+    except (OSError, *YAML_ERRORS) as e:
         fail(f"--resume cannot read {config_file}: {e}")
     if not isinstance(stored, dict):
         fail(f"{config_file} does not describe a run: expected a mapping of settings, got {stored!r}")
