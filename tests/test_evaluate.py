@@ -405,6 +405,15 @@ def test_the_own_setting_reference_pretrains_on_the_setting_itself(tmp_path):
     assert {r["agent"] for r in one} == {"uniform", "meta_grad@own-setting"}
 
 
+def test_the_report_groups_the_pre_trainings_of_every_pretrain_on_mode():
+    """reporting.pretraining_groups names evaluate.py's labels itself (it cannot import evaluate): they must agree."""
+    line = {"dataset": "digits", "student": "mlp", "noise": "symmetric", "noise_rate": 0.4, "student_kwargs": "null",
+            "vs_uniform_final": {"mean": 0.1}}  # fmt: skip
+    for label, _ in evaluate.PRETRAIN_ON.values():
+        groups = reporting.pretraining_groups([{**line, "agent": f"meta_grad@{label}#{k}"} for k in (2, 1)])
+        assert [k for numbered in groups.values() for k, _ in numbered] == [1, 2], label
+
+
 def test_leave_one_dataset_out_pretrains_on_the_other_datasets_settings_only(tmp_path):
     grid = "[{dataset: digits, noise: symmetric}, {dataset: digits, noise: pairflip}, {dataset: mnist1d}]"
     rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", grid, "--leave-one-out", "meta_grad",
