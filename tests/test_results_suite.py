@@ -227,6 +227,29 @@ def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transfer
     assert results.pretraining_comparison([*sources, ("not run yet", tmp_path / "missing")]) == table[:4] + table[5:]
     assert results.pretraining_comparison([sources[0], ("not run yet", tmp_path / "missing")]) == []
 
+    # the online teacher of the same students comes first, its interval over the student seeds
+    taught = summary("meta_grad", MNIST1D, 0.0, 0.0, 0.9)
+    taught["vs_uniform_final"] = {"mean": 0.12, "ci95": 0.02, "n": 5}
+    taught["vs_uniform"] = {"mean": 0.05, "ci95": 0.0, "n": 5}
+    (tmp_path / "online").mkdir()
+    (tmp_path / "online" / "results.json").write_text(json.dumps({"summary": [summary("uniform", MNIST1D, 0, 0, 0.5), taught]}))
+    with_online = results.pretraining_comparison(sources, online=tmp_path / "online")
+    assert (
+        with_online[2]
+        == f"| {MNIST1D} | nothing: taught online (5 students) | +12.0 [+10.0, +14.0] | +5.0 [+5.0, +5.0] | 0.900 |"
+    )
+    assert with_online[3:] == table[2:4] + table[5:]
+    assert results.pretraining_comparison([sources[0]], online=tmp_path / "online")[2:4] == [with_online[2], table[2]]
+    assert results.pretraining_comparison([sources[0]], online=tmp_path / "missing") == []
+
+
+def test_the_online_reference_teaches_the_transfer_suites_students():
+    transfer = yaml.safe_load(results.TRANSFER_SUITE.read_text())
+    online = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_online.yaml").read_text())
+    students = ("grid", "noise_rate", "student", "val_size", "batch_size", "steps", "eval_every", "seeds", "seed", "lr", "device")
+    assert {key: online.get(key) for key in students} == {key: transfer.get(key) for key in students}
+    assert "meta_grad" in online["agents"].split(",") and "leave_one_out" not in online
+
 
 def test_the_transfer_section_names_the_options_its_teachers_were_pre_trained_with():
     rows = [
