@@ -217,7 +217,7 @@ def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transfer
         lines = [summary(f"{agent}#{k + 1}", MNIST1D, f, f / 2, 0.8 + f) for k, f in enumerate(finals)]
         lines.append(summary("uniform", MNIST1D, 0.0, 0.0, 0.5))
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps({"summary": lines}))
+        (tmp_path / name / "results.json").write_text(json.dumps({"summary": lines, "runs": []}))
     sources = [("its own setting", tmp_path / "own"), ("the other settings", tmp_path / "transfer")]
     table = results.pretraining_comparison([*sources, ("the other dataset's", tmp_path / "dataset")])
     assert table[2].startswith(f"| {MNIST1D} | its own setting (2 pre-trainings) | +15.0 [")
@@ -227,28 +227,72 @@ def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transfer
     assert results.pretraining_comparison([*sources, ("not run yet", tmp_path / "missing")]) == table[:4] + table[5:]
     assert results.pretraining_comparison([sources[0], ("not run yet", tmp_path / "missing")]) == []
 
-    # the online teacher of the same students comes first, its interval over the student seeds
-    taught = summary("meta_grad", MNIST1D, 0.0, 0.0, 0.9)
-    taught["vs_uniform_final"] = {"mean": 0.12, "ci95": 0.02, "n": 5}
-    taught["vs_uniform"] = {"mean": 0.05, "ci95": 0.0, "n": 5}
-    (tmp_path / "online").mkdir()
-    (tmp_path / "online" / "results.json").write_text(json.dumps({"summary": [summary("uniform", MNIST1D, 0, 0, 0.5), taught]}))
+    # the online teacher of the same students comes first, its intervals over the student seeds, and every group
+    # gets its difference to it paired by student (per pre-training), with an interval over the pre-trainings
+    def run(agent: str, label: str, seed: int, final: float, auroc: float) -> dict:
+        return {**summary(agent, label, 0, 0, auroc), "seed": seed, "final_test_acc": final, "auroc": auroc}
+
+    def write(name: str, lines: list[dict], runs: list[dict]) -> None:
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "results.json").write_text(json.dumps({"summary": lines, "runs": runs}))
+
+    online_lines, online_runs = [], []
+    for label, gain in ((MNIST1D, 0.12), (DIGITS, 0.30)):
+        taught = summary("meta_grad", label, 0.0, 0.0, 0.9)
+        taught["vs_uniform_final"], taught["vs_uniform"] = (
+            {"mean": gain, "ci95": 0.02, "n": 2},
+            {"mean": 0.05, "ci95": 0.0, "n": 2},
+        )
+        online_lines += [summary("uniform", label, 0, 0, 0.5), summary("oracle", label, 0.2, 0.2, 1.0), taught]
+        online_runs += [run("meta_grad", label, seed, 0.6 + gain + seed / 100, 0.9) for seed in (0, 1)]
+        online_runs += [run("oracle", label, seed, 0.99, 1.0) for seed in (0, 1)]
+    write("online", online_lines, online_runs)
+    own_runs = [
+        run(f"meta_grad@own-setting#{k + 1}", MNIST1D, seed, 0.72 + seed / 100 + k / 50, 0.8 + k / 10)
+        for k in range(2)
+        for seed in (0, 1)
+    ]
+    write("own", json.loads((tmp_path / "own" / "results.json").read_text())["summary"], own_runs)
     with_online = results.pretraining_comparison(sources, online=tmp_path / "online")
+    assert with_online[0].endswith("| Δ final vs online | Δ AUROC vs online |") and with_online[1].count("---") == 7
     assert (
         with_online[2]
-        == f"| {MNIST1D} | nothing: taught online (5 students) | +12.0 [+10.0, +14.0] | +5.0 [+5.0, +5.0] | 0.900 |"
+        == f"| {MNIST1D} | nothing: taught online (2 students) | +12.0 [+10.0, +14.0] | +5.0 [+5.0, +5.0] | 0.900 | - | - |"
     )
-    assert with_online[3:] == table[2:4] + table[5:]
-    assert results.pretraining_comparison([sources[0]], online=tmp_path / "online")[2:4] == [with_online[2], table[2]]
+    # own-setting #1 is level with the online teacher on each student, #2 two points above: +1.0, AUROC -0.1 and 0.0
+    assert with_online[3].startswith(table[2][:-1]) and with_online[3].endswith(
+        "| +1.0 [-11.7, +13.7] | -0.050 [-0.685, +0.585] |"
+    )
+    assert with_online[4].startswith(table[3][:-1]) and with_online[4].endswith("| - | - |")  # no students to pair
+    assert (
+        with_online[5]
+        == f"| {DIGITS} | nothing: taught online (2 students) | +30.0 [+28.0, +32.0] | +5.0 [+5.0, +5.0] | 0.900 | - | - |"
+    )
+    assert len(with_online) == 7
+    assert results.pretraining_comparison([sources[0]], online=tmp_path / "online")[2:4] == with_online[2:4]
     assert results.pretraining_comparison([sources[0]], online=tmp_path / "missing") == []
 
 
 def test_the_online_reference_teaches_the_transfer_suites_students():
     transfer = yaml.safe_load(results.TRANSFER_SUITE.read_text())
     online = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_online.yaml").read_text())
-    students = ("grid", "noise_rate", "student", "val_size", "batch_size", "steps", "eval_every", "seeds", "seed", "lr", "device")
-    assert {key: online.get(key) for key in students} == {key: transfer.get(key) for key in students}
-    assert "meta_grad" in online["agents"].split(",") and "leave_one_out" not in online
+    assert (
+        "meta_grad" in online.pop("agents").split(",")
+        and online.pop("tune").keys() == {"teacher_lr"}
+        and online.pop("tune_seeds") == 1
+    )
+    transfer.pop("agents")
+    assert transfer.pop("leave_one_out") == "meta_grad" and {
+        key: transfer.pop(key) for key in list(transfer) if key.startswith(("pretrain_", "agent_options"))
+    }
+    assert online == transfer
+
+
+def test_the_warm_started_suite_is_the_transfer_suite_left_learning():
+    transfer = yaml.safe_load(results.TRANSFER_SUITE.read_text())
+    warm = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_warm.yaml").read_text())
+    assert warm.pop("online") is True and warm.pop("agents") == "uniform" and transfer.pop("agents").startswith("uniform,")
+    assert warm == transfer
 
 
 def test_the_transfer_section_names_the_options_its_teachers_were_pre_trained_with():
@@ -319,3 +363,28 @@ def test_meta_grad_is_compared_with_each_other_teacher_paired_by_seed():
     (line,) = results.against_rivals(runs)
     assert line.startswith("- **meta_grad** on digits/mlp/symmetric 0.4: vs l2rw +5.0 [+5.0, +5.0] (3/0/0) final, +0.0 [")
     assert "(1/1/1) at the best held-out accuracy." in line and "uniform" not in line and "mwnet" not in line
+
+
+def test_a_suite_reuses_another_suites_finished_pretrainings_and_keeps_its_own(tmp_path):
+    source, target = tmp_path / "transfer" / "pretrained", tmp_path / "warm" / "pretrained"
+    for name, files in {
+        "done": ("summary.json", "teacher.pt"),
+        "interrupted": ("teacher.pt",),
+        "mine": ("summary.json",),
+    }.items():
+        (source / name).mkdir(parents=True)
+        for file in files:
+            (source / name / file).write_text(f"source {file}")
+    (target / "mine").mkdir(parents=True)
+    (target / "mine" / "summary.json").write_text("target's own")
+    results.share_pretrainings(source, target)
+    assert sorted(p.name for p in target.iterdir()) == ["done", "mine"]  # an unfinished one is not reused
+    assert (target / "done" / "teacher.pt").read_text() == "source teacher.pt"
+    assert (target / "mine" / "summary.json").read_text() == "target's own"
+
+
+def test_a_suite_without_results_is_said_to_be_not_run_unless_its_data_is_missing(monkeypatch):
+    assert results.section("transfer_warm", None)[2] == "Not run yet: `python suites/results.py --only transfer_warm`."
+    monkeypatch.setattr(results, "DATA_ROOT", Path("/nonexistent"))
+    assert results.section("mnist_final_tuned", None)[2].startswith("Skipped: its data is not under /nonexistent")
+    assert results.section("layers_mnist1d", None)[2].startswith("Not run yet")
