@@ -3,8 +3,10 @@ step of a plain PyTorch training loop on the same student, data and batch size, 
 side in one process, and the step's parts timed the same way: the functional forward of a batch,
 forward plus the weighted update, and the surface and internal-state features on a forwarded batch
 (what bounds the step where it misses its target), and the two largest ops of the internal features,
-the k-nearest-neighbour cosines and top-k, each alone. Targets: env step <= 1.25x the plain step on
-cnn / MNIST and <= 1.5x on mlp / mnist1d (the default here).
+the k-nearest-neighbour cosines and top-k, each alone; and the gradient of the clean validation loss on a
+batch of the same size (teach_step.py's validation batch), the least a meta-gradient through all layers
+adds to the env step. Targets: env step <= 1.25x the plain step on cnn / MNIST and <= 1.5x on mlp /
+mnist1d (the default here); meta_grad at B = 1 <= 2.5x and <= 3x.
 
     python benchmarks/env_overhead.py [--device cuda] [--dataset mnist1d --student mlp]
 """
@@ -76,6 +78,11 @@ def step_parts(env: TeachingEnv, ones: torch.Tensor, batches: int = 16) -> dict:
     similarities = [neighbour_similarity(unit, has_direction(norm)) for unit, norm in directions]
     unit_turns, similarity_turns = itertools.cycle(directions), itertools.cycle(similarities)
 
+    val_indices = handle.val_indices(len(ones))
+
+    def validation_gradient() -> None:
+        torch.autograd.grad(handle.val_loss(handle.params, val_indices), list(handle.params.values()))
+
     def similarity() -> None:
         unit, norm = next(unit_turns)
         neighbour_similarity(unit, has_direction(norm))
@@ -88,6 +95,7 @@ def step_parts(env: TeachingEnv, ones: torch.Tensor, batches: int = 16) -> dict:
         "internal features": internal,
         "  of which kNN cosines": similarity,
         "  of which kNN top-k": lambda: nearest_neighbours(next(similarity_turns), NEIGHBOURS),
+        "validation gradient": validation_gradient,
     }
 
 
