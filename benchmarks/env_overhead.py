@@ -4,9 +4,9 @@ side in one process, and the step's parts timed the same way: the functional for
 forward plus the weighted update, and the surface and internal-state features on a forwarded batch
 (what bounds the step where it misses its target), and the two largest ops of the internal features,
 the k-nearest-neighbour cosines and top-k, each alone; and the gradient of the clean validation loss on a
-batch of the same size (teach_step.py's validation batch), the least a meta-gradient through all layers
+batch of the same size (teach_step.py's validation batch), the least each B = 1 meta step through all layers
 adds to the env step. Targets: env step <= 1.25x the plain step on cnn / MNIST and <= 1.5x on mlp /
-mnist1d (the default here); meta_grad at B = 1 <= 2.5x and <= 3x.
+mnist1d (the default here); meta_grad at B = 1 <= 2.5x on cnn / MNIST and <= 3x on mlp / mnist1d.
 
     python benchmarks/env_overhead.py [--device cuda] [--dataset mnist1d --student mlp]
 """

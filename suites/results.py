@@ -390,6 +390,7 @@ def reads_mnist(suite: str) -> bool:
 
 
 def mnist_present() -> bool:
+    """Whether real MNIST is under ``DATA_ROOT`` (../shared/data) on this machine."""
     return (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()
 
 
@@ -564,7 +565,7 @@ def section(name: str, out: Path | None) -> list[str]:
             f"this second protocol exists, and what was known when it was added: see the protocol at the top.",
             "",
         ]
-    if name in ("transfer", "transfer_own", "transfer_dataset"):
+    if name in ("transfer", "transfer_own", "transfer_dataset", "transfer_warm"):
         lines += [pretraining_options(results), ""]
     if name == "transfer_own":
         config = results["config"]
@@ -611,8 +612,10 @@ def section(name: str, out: Path | None) -> list[str]:
             "line. A reference for what a frozen teacher gives up by not learning on the student it teaches, not a ceiling: "
             "on digits the teachers pre-trained on the setting itself separate clean from corrupted samples better than it, "
             "and the oracle rows of the transfer suites show the headroom. The online row's intervals are over the 5 "
-            "students; a frozen group's over its 3 pre-trainings (each the mean over the same 5 students), and so are its "
-            "differences to the online teacher, paired by student within each pre-training.",
+            "students; a frozen group's Δ against uniform over its 3 pre-trainings (each the mean over the same 5 "
+            "students). Its Δ against the online teacher pairs each student: the group's mean over its pre-trainings on "
+            "that student minus the online teacher's, with an interval over the 5 students (the spread between "
+            "pre-trainings shows in the Δ-vs-uniform column, not in this one).",
             "",
             *pretraining_comparison(
                 [
@@ -625,12 +628,13 @@ def section(name: str, out: Path | None) -> list[str]:
         ]
     if name == "transfer_warm":
         lines += [
-            "The transfer suite's twelve pre-trained teachers (copied from its folder, not pre-trained again) teaching the "
+            "The transfer suite's pre-trained teachers (copied from its folder, not pre-trained again) teaching the "
             "same fresh students while they keep learning (`--online`): pre-training as a warm start, against the frozen "
             "use of the same teachers and against `meta_grad` taught online from scratch (suite `transfer_online`). A "
-            "teacher left learning keeps the options it was pre-trained with (teacher_lr 0.001, or 0.003 for held-out "
-            "mnist1d / pair-flip), where the scratch teacher's teacher_lr was tuned on the setting's own tuning student. "
-            "Intervals as in `transfer_online`.",
+            "teacher left learning keeps all it was pre-trained with: the options above and its optimizer's state "
+            "(AdamW's moment estimates from the pre-training's teacher steps, which scale its first steps here), where the "
+            "scratch teacher starts from a fresh network and optimizer at the teacher_lr tuned on the setting's own "
+            "tuning student. Intervals as in `transfer_online`.",
             "",
             *pretraining_comparison(
                 [("the other settings, frozen (transfer)", out.parent / "transfer"), ("the other settings, left learning", out)],
@@ -642,8 +646,9 @@ def section(name: str, out: Path | None) -> list[str]:
     rivals = against_rivals(results["runs"])
     if rivals:
         lines += ["Against the other teachers (paired by seed):", "", *rivals, ""]
-    lines += ["Headroom (share of the uniform-to-oracle gap closed):", ""]
-    lines += [*oracle_gap(summary), ""]
+    headroom = oracle_gap(summary)
+    if headroom:
+        lines += ["Headroom (share of the uniform-to-oracle gap closed):", "", *headroom, ""]
     finals = [
         f"{line['dataset']} / {line['noise']}: {line['agent']} final {fmt(line['final_test_acc'], 100, 1)}"
         for line in summary
@@ -688,24 +693,25 @@ def pretraining_comparison(sources: list[tuple[str, Path]], online: Path | None 
                     f" {against_online(results['runs'], group, setting, taught, metric)} |" for metric in (FINAL, "auroc")
                 )
             rows.setdefault(setting, []).append(row)
-    header = "| evaluated on | pre-trained on | Δ final vs uniform | Δ @ best val vs uniform | AUROC |"
-    header += (
-        " Δ final vs online | Δ AUROC vs online |\n|---|---|---|---|---|---|---|" if online_ran else "\n|---|---|---|---|---|"
-    )
-    return [*header.split("\n"), *(row for setting_rows in rows.values() for row in setting_rows), ""]
+    header = ["| evaluated on | pre-trained on | Δ final vs uniform | Δ @ best val vs uniform | AUROC |", "|---|---|---|---|---|"]
+    if online_ran:
+        header = [header[0] + " Δ final vs online | Δ AUROC vs online |", header[1] + "---|---|"]
+    return [*header, *(row for setting_rows in rows.values() for row in setting_rows), ""]
 
 
 def against_online(runs: list[dict], group: list[dict], setting: tuple, taught: dict[tuple, dict], metric: str) -> str:
-    """Over a group's pre-trainings (mean [95% t-interval]), each one's mean over students of ``metric`` minus the
-    online teacher's (``taught``: (setting, seed) -> its run) on the same student; "-" when one has no student to pair."""
-    means = []
-    for line in group:
-        pairs = [run[metric] - taught[setting, run["seed"]][metric] for run in runs
-                 if run["agent"] == line["agent"] and setting_key(run) == setting and (setting, run["seed"]) in taught]  # fmt: skip
-        if not pairs:
-            return "-"
-        means.append(np.mean(pairs))
-    stat = summarise(means)
+    """Mean [95% t-interval over the students] of ``metric`` of a group of pre-trained teachers (their mean on a
+    student) minus the online teacher's (``taught``: (setting, seed) -> its run) on the same student; students
+    not taught by all of them are left out, and "-" stands for none."""
+    agents = {line["agent"] for line in group}
+    by_student: dict[int, list[float]] = {}
+    for run in runs:
+        if run["agent"] in agents and setting_key(run) == setting and (setting, run["seed"]) in taught:
+            by_student.setdefault(run["seed"], []).append(run[metric])
+    pairs = [np.mean(values) - taught[setting, seed][metric] for seed, values in by_student.items() if len(values) == len(agents)]
+    if not pairs:
+        return "-"
+    stat = summarise(pairs)
     if metric == FINAL:
         return fmt_difference(stat)
     return f"{stat['mean']:+.3f} [{stat['mean'] - stat['ci95']:+.3f}, {stat['mean'] + stat['ci95']:+.3f}]"
@@ -738,8 +744,12 @@ def share_runs(source: Path, target: Path) -> None:
 
 def share_pretrainings(source: Path, target: Path) -> None:
     """Copy into ``target`` the finished pre-trainings of ``source`` it lacks: a suite with the same
-    pre-trainings (same folder name, whose digest covers everything that makes one) then reuses them."""
-    for run in sorted(source.glob("*/summary.json")):
+    pre-trainings (same folder name, whose digest covers everything that makes one) then reuses them. With
+    none to copy, the suite would quietly pre-train teachers of its own: refused."""
+    finished_runs = sorted(source.glob("*/summary.json"))
+    if not finished_runs:
+        raise FileNotFoundError(f"no finished pre-trainings under {source}: run the suite that makes them first")
+    for run in finished_runs:
         if not (target / run.parent.name / "summary.json").exists():
             shutil.copytree(run.parent, target / run.parent.name, dirs_exist_ok=True)
 

@@ -227,8 +227,9 @@ def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transfer
     assert results.pretraining_comparison([*sources, ("not run yet", tmp_path / "missing")]) == table[:4] + table[5:]
     assert results.pretraining_comparison([sources[0], ("not run yet", tmp_path / "missing")]) == []
 
-    # the online teacher of the same students comes first, its intervals over the student seeds, and every group
-    # gets its difference to it paired by student (per pre-training), with an interval over the pre-trainings
+    # the online teacher of the same students comes first, its intervals over the student seeds; every group gets
+    # its difference to it paired by student (the group's mean on a student minus the online teacher's), an interval
+    # over the students that all its pre-trainings taught
     def run(agent: str, label: str, seed: int, final: float, auroc: float) -> dict:
         return {**summary(agent, label, 0, 0, auroc), "seed": seed, "final_test_acc": final, "auroc": auroc}
 
@@ -240,33 +241,37 @@ def test_the_own_setting_section_sets_each_settings_teachers_beside_the_transfer
     for label, gain in ((MNIST1D, 0.12), (DIGITS, 0.30)):
         taught = summary("meta_grad", label, 0.0, 0.0, 0.9)
         taught["vs_uniform_final"], taught["vs_uniform"] = (
-            {"mean": gain, "ci95": 0.02, "n": 2},
-            {"mean": 0.05, "ci95": 0.0, "n": 2},
+            {"mean": gain, "ci95": 0.02, "n": 3},
+            {"mean": 0.05, "ci95": 0.0, "n": 3},
         )
         online_lines += [summary("uniform", label, 0, 0, 0.5), summary("oracle", label, 0.2, 0.2, 1.0), taught]
-        online_runs += [run("meta_grad", label, seed, 0.6 + gain + seed / 100, 0.9) for seed in (0, 1)]
-        online_runs += [run("oracle", label, seed, 0.99, 1.0) for seed in (0, 1)]
+        online_runs += [run("meta_grad", label, seed, 0.6 + gain + seed / 100, 0.9) for seed in (0, 1, 2)]
+        online_runs += [run("oracle", label, seed, 0.99, 1.0) for seed in (0, 1, 2)]
     write("online", online_lines, online_runs)
+    # online: 0.72, 0.73, 0.74 on students 0-2; #1 taught all three, #2 students 0 and 1 only (student 2 is left out)
     own_runs = [
-        run(f"meta_grad@own-setting#{k + 1}", MNIST1D, seed, 0.72 + seed / 100 + k / 50, 0.8 + k / 10)
-        for k in range(2)
-        for seed in (0, 1)
+        run("meta_grad@own-setting#1", MNIST1D, 0, 0.72, 0.8),
+        run("meta_grad@own-setting#1", MNIST1D, 1, 0.75, 0.8),
+        run("meta_grad@own-setting#1", MNIST1D, 2, 0.70, 0.8),
+        run("meta_grad@own-setting#2", MNIST1D, 0, 0.74, 0.9),
+        run("meta_grad@own-setting#2", MNIST1D, 1, 0.77, 1.0),
     ]
     write("own", json.loads((tmp_path / "own" / "results.json").read_text())["summary"], own_runs)
     with_online = results.pretraining_comparison(sources, online=tmp_path / "online")
     assert with_online[0].endswith("| Δ final vs online | Δ AUROC vs online |") and with_online[1].count("---") == 7
     assert (
         with_online[2]
-        == f"| {MNIST1D} | nothing: taught online (2 students) | +12.0 [+10.0, +14.0] | +5.0 [+5.0, +5.0] | 0.900 | - | - |"
+        == f"| {MNIST1D} | nothing: taught online (3 students) | +12.0 [+10.0, +14.0] | +5.0 [+5.0, +5.0] | 0.900 | - | - |"
     )
-    # own-setting #1 is level with the online teacher on each student, #2 two points above: +1.0, AUROC -0.1 and 0.0
+    # student 0: 0.73 - 0.72, student 1: 0.76 - 0.73 (AUROC 0.85 - 0.9 and 0.9 - 0.9): +2.0 over two students (paired
+    # per pre-training and averaged over them it would read +1.2; with student 2 kept, +0.0)
     assert with_online[3].startswith(table[2][:-1]) and with_online[3].endswith(
-        "| +1.0 [-11.7, +13.7] | -0.050 [-0.685, +0.585] |"
+        "| +2.0 [-10.7, +14.7] | -0.025 [-0.343, +0.293] |"
     )
     assert with_online[4].startswith(table[3][:-1]) and with_online[4].endswith("| - | - |")  # no students to pair
     assert (
         with_online[5]
-        == f"| {DIGITS} | nothing: taught online (2 students) | +30.0 [+28.0, +32.0] | +5.0 [+5.0, +5.0] | 0.900 | - | - |"
+        == f"| {DIGITS} | nothing: taught online (3 students) | +30.0 [+28.0, +32.0] | +5.0 [+5.0, +5.0] | 0.900 | - | - |"
     )
     assert len(with_online) == 7
     assert results.pretraining_comparison([sources[0]], online=tmp_path / "online")[2:4] == with_online[2:4]
@@ -381,6 +386,8 @@ def test_a_suite_reuses_another_suites_finished_pretrainings_and_keeps_its_own(t
     assert sorted(p.name for p in target.iterdir()) == ["done", "mine"]  # an unfinished one is not reused
     assert (target / "done" / "teacher.pt").read_text() == "source teacher.pt"
     assert (target / "mine" / "summary.json").read_text() == "target's own"
+    with pytest.raises(FileNotFoundError, match="no finished pre-trainings"):
+        results.share_pretrainings(tmp_path / "nothing", target)
 
 
 def test_a_suite_without_results_is_said_to_be_not_run_unless_its_data_is_missing(monkeypatch):
