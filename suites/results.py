@@ -602,11 +602,14 @@ def section(name: str, out: Path | None) -> list[str]:
             ),
         ]
     if name == "transfer_online":
+        config = results["config"]
+        grid = ", ".join(f"{value:g}" for value in config["tune"]["teacher_lr"])
         lines += [
-            "The transfer suites' students (same settings, clean splits, seeds 0-4 and student lr 0.1) taught by `meta_grad` "
-            "online: no pre-training, the teacher learns on each student as it trains, at its defaults (B = 5). Its "
-            "teacher_lr is chosen per setting from {0.001, 0.003, 0.01, 0.03} by the best held-out accuracy of one tuning "
-            "student (seed 1000) of that very setting (the online suites' rule, without their choice of student lr), an "
+            f"The transfer suites' students (same settings, clean splits, seeds {config['seed']}-{config['seed'] + config['seeds'] - 1} "
+            f"and student lr {config['lr']:g}) taught by `meta_grad` online: no pre-training, the teacher learns on each student "
+            f"as it trains, at its defaults (B = 5). Its teacher_lr is chosen per setting from {{{grid}}} by the best "
+            f"held-out accuracy of {config['tune_seeds']} tuning student (seed {config['tune_seed']}) of that very setting (the "
+            "online suites' rule, without their choice of student lr), an "
             "advantage the frozen teachers, whose options were chosen on other settings' students, do not have; the "
             "tuned-values table below gives the choices, against the transfer suite's pre-training values in its options "
             "line. A reference for what a frozen teacher gives up by not learning on the student it teaches, not a ceiling: "
@@ -784,6 +787,14 @@ def finished(name: str) -> Path | None:
     return done if all((part / "results.json").exists() for part in parts) else None
 
 
+def results_document(outputs: dict[str, Path | None]) -> str:
+    """docs/results.md from each suite's folder (None: not run, or its data missing), in ``SUITES`` order."""
+    lines = [HEADER, *final_tuned_disclosure()]
+    for name, out in outputs.items():
+        lines += section(name, out)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -797,10 +808,7 @@ def main() -> None:
             outputs[name] = run_suite(name)
         else:
             outputs[name] = finished(name)
-    lines = [HEADER, *final_tuned_disclosure()]
-    for name, out in outputs.items():
-        lines += section(name, out)
-    atomic_write(ROOT / "docs" / "results.md", "\n".join(lines))
+    atomic_write(ROOT / "docs" / "results.md", results_document(outputs))
     print(f"wrote {ROOT / 'docs' / 'results.md'}")
 
 

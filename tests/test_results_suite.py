@@ -395,3 +395,9 @@ def test_a_suite_without_results_is_said_to_be_not_run_unless_its_data_is_missin
     monkeypatch.setattr(results, "DATA_ROOT", Path("/nonexistent"))
     assert results.section("mnist_final_tuned", None)[2].startswith("Skipped: its data is not under /nonexistent")
     assert results.section("layers_mnist1d", None)[2].startswith("Not run yet")
+
+
+def test_the_committed_results_page_is_what_the_committed_results_make():
+    # a generator change, or a suite re-run, must come with the page it writes (python suites/results.py --write-only)
+    page = results.results_document({name: results.finished(name) for name in results.SUITES})
+    assert page == (results.ROOT / "docs" / "results.md").read_text()
