@@ -66,6 +66,7 @@ PRETRAIN_ON = {
     "others": ("held-out", "without"),  # the grid's other settings
     "other-datasets": ("held-out-dataset", "without-dataset"),  # the grid's settings on another dataset
     "own": ("own-setting", "on"),  # the setting itself (the reference)
+    "grid": ("pre-trained", "on-grid"),  # --pretrain-grid's settings, none of the grid's (transfer to settings never seen)
 }
 TUNABLE = {"lr": float, "teacher_lr": float}  # student learning rate; teacher learning rate of learned teachers
 
@@ -103,15 +104,22 @@ class EvalConfig(EnvSetting, StudentTraining):
         "--leave-one-out: what each setting's teachers pre-train on: others (the grid's other settings: transfer), "
         "other-datasets (the grid's settings on another dataset: transfer to a dataset never seen) or own (the setting "
         "itself, on the pre-training seeds: the reference, what a frozen teacher pre-trained alike reaches with no "
-        "change of setting)",
+        "change of setting) or grid (the settings of --pretrain-grid, for every setting of the grid)",
         choices=list(PRETRAIN_ON),
+    )
+    pretrain_grid: Any = field(
+        None,
+        "--pretrain-on grid: the settings every setting's teachers pre-train on, as YAML like --grid (none of them a "
+        "setting of --grid: a teacher is evaluated on settings it never met)",
+        parse=yaml_value,
     )
     pretrain_steps: int = field(6000, "--leave-one-out: student updates of each pre-training (episodes of --steps)", low=1)
     pretrain_seed: int = field(10_000, "--leave-one-out: seed of the pre-trainings (disjoint from the reported seeds)", low=0)
     pretrain_seeds: int = field(
         1,
         "--leave-one-out: pre-trainings per held-out setting, on disjoint seed ranges; each is reported as "
-        "<agent>@held-out#k (@held-out-dataset#k, @own-setting#k with --pretrain-on other-datasets, own), and the report "
+        "<agent>@held-out#k (@held-out-dataset#k, @own-setting#k, @pre-trained#k with --pretrain-on other-datasets, own, "
+        "grid), and the report "
         "adds the spread between them "
         "(a transfer result varies with the pre-training)",
         low=1,
@@ -197,6 +205,13 @@ class EvalConfig(EnvSetting, StudentTraining):
             alone = [setting_label(s) for s in self.settings if not pretraining_settings("other-datasets", s, self.settings)]
             if self.pretrain_on == "other-datasets" and alone:
                 raise ValueError(f"--pretrain-on other-datasets: no setting of the grid on another dataset than {alone[0]}'s")
+        if (self.pretrain_on == "grid") != (self.pretrain_grid is not None):
+            raise ValueError("--pretrain-grid and --pretrain-on grid go together: give both or neither")
+        met = [setting_label(s) for s in self.pretrain_settings if s in self.settings]
+        if met:
+            raise ValueError(
+                f"--pretrain-grid holds {met[0]}, a setting of --grid: its teachers would not be evaluated on settings they never met"
+            )
         self._check_pretrain_options()
         if self.tune and self.tune_seed < self.seed + self.seeds and self.seed < self.tune_seed + self.tune_seeds:
             raise ValueError(
@@ -248,6 +263,11 @@ class EvalConfig(EnvSetting, StudentTraining):
     @property
     def settings(self) -> list[dict[str, Any]]:
         return settings_grid(self, self.grid)
+
+    @property
+    def pretrain_settings(self) -> list[dict[str, Any]]:
+        """The settings of --pretrain-grid (none without it)."""
+        return settings_grid(self, self.pretrain_grid) if self.pretrain_grid is not None else []
 
     @property
     def agent_names(self) -> list[str]:
@@ -558,7 +578,7 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     paths: dict[str, dict[str, str]] = {}
     label, infix = PRETRAIN_ON[cfg.pretrain_on]
     for i, setting in enumerate(cfg.settings):
-        others = pretraining_settings(cfg.pretrain_on, setting, cfg.settings)
+        others = pretraining_settings(cfg.pretrain_on, setting, cfg.settings, cfg.pretrain_settings)
         options = cfg.held_out_options(setting_label(setting))
         resolved = recorded_options(cfg.leave_one_out, options)
         folder = f"{i}-{cfg.leave_one_out}-{infix}-{setting_label(setting).replace('/', '-').replace(' ', '')}"
@@ -583,8 +603,13 @@ def pretrain_held_out(cfg: EvalConfig, out: Path) -> dict[str, dict[str, str]]:
     return paths
 
 
-def pretraining_settings(mode: str, held_out: dict[str, Any], settings: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The settings a teacher for ``held_out`` pre-trains on under ``--pretrain-on mode`` (``PRETRAIN_ON``)."""
+def pretraining_settings(
+    mode: str, held_out: dict[str, Any], settings: list[dict[str, Any]], pretrain_grid: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The settings a teacher for ``held_out`` (of the grid ``settings``) pre-trains on under ``--pretrain-on mode``
+    (``PRETRAIN_ON``; ``pretrain_grid``: the settings of --pretrain-grid)."""
+    if mode == "grid":
+        return list(pretrain_grid or [])
     if mode == "own":
         return [held_out]
     if mode == "other-datasets":

@@ -265,11 +265,11 @@ def write_report(
 
 def pretraining_groups(lines: list[dict[str, Any]]) -> dict[tuple[tuple, str], list[tuple[int, dict[str, Any]]]]:
     """Summary lines of teachers pre-trained several times (evaluate.py's ``<agent>@held-out#k``,
-    ``@held-out-dataset#k`` and ``@own-setting#k``) with a paired Δ against uniform, grouped by (setting, teacher), as (k, line) in
+    ``@held-out-dataset#k``, ``@own-setting#k`` and ``@pre-trained#k``) with a paired Δ against uniform, grouped by (setting, teacher), as (k, line) in
     the order of k."""
     groups: dict[tuple[tuple, str], list[tuple[int, dict[str, Any]]]] = {}
     for line in lines:
-        several = re.fullmatch(r"(.+@(?:held-out|held-out-dataset|own-setting))#(\d+)", line["agent"])
+        several = re.fullmatch(r"(.+@(?:held-out|held-out-dataset|own-setting|pre-trained))#(\d+)", line["agent"])
         if several and line["vs_uniform_final"]:
             groups.setdefault((setting_key(line), several[1]), []).append((int(several[2]), line))
     return {key: sorted(numbered, key=lambda pair: pair[0]) for key, numbered in groups.items()}

@@ -161,6 +161,23 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
             ["--leave-one-out", "meta_grad", "--pretrain-on", "other-datasets", "--grid", "{noise: [symmetric, pairflip]}"],
             "--pretrain-on other-datasets: no setting of the grid on another dataset than digits/mlp/symmetric 0.4's",
         ),
+        (["--leave-one-out", "meta_grad", "--pretrain-on", "grid"], "--pretrain-grid and --pretrain-on grid go together"),
+        (["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-grid", "{dataset: [mnist1d]}"], "go together"),
+        (
+            [
+                "--leave-one-out",
+                "meta_grad",
+                "--pretrain-on",
+                "grid",
+                "--pretrain-grid",
+                "[{dataset: mnist1d}, {dataset: digits}]",
+            ],
+            "--pretrain-grid holds digits/mlp/symmetric 0.4, a setting of --grid: its teachers would not be evaluated",
+        ),
+        (
+            ["--leave-one-out", "meta_grad", "--pretrain-on", "grid", "--pretrain-grid", "{dataset: [imagenet]}"],
+            "grid dataset must be one of",
+        ),
         (
             ["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-seed", "0"],
             "the pre-trainings meet seeds 0..149, which overlap the reported seeds 0..2: the frozen teachers would",
@@ -429,6 +446,30 @@ def test_leave_one_dataset_out_pretrains_on_the_other_datasets_settings_only(tmp
         p.name.split("-without-dataset-")[1].rsplit("-", 1)[0] for p in (tmp_path / "report" / "pretrained").iterdir()
     )
     assert folders == ["digits-mlp-pairflip0.4", "digits-mlp-symmetric0.4", "mnist1d-mlp-symmetric0.4"]
+
+
+def test_teachers_pre_trained_on_a_grid_of_their_own_teach_every_setting_of_the_grid(tmp_path):
+    """``--pretrain-on grid``: every setting's teachers pre-train on --pretrain-grid's settings, none of which the grid holds
+    (here: teachers of digits students pre-trained on mnist1d only, two pre-trainings, reported as @pre-trained#k)."""
+    rows = _evaluate(tmp_path, "--agents", "uniform", "--seeds", "1", "--grid", "{noise: [symmetric, pairflip]}",
+                     "--leave-one-out", "meta_grad", "--pretrain-on", "grid", "--pretrain-grid", "{dataset: [mnist1d], noise: [symmetric, pairflip]}",
+                     "--pretrain-steps", "40", "--pretrain-seeds", "2", "--agent-options", "{meta_grad: {meta_layers: head, hidden: 16}}")  # fmt: skip
+    pretrained = {(r["agent"], r["noise"], r["trained_on"]) for r in rows if "@" in r["agent"]}
+    assert pretrained == {
+        (
+            f"meta_grad@pre-trained#{k + 1}",
+            noise,
+            f"mnist1d/mlp/symmetric 0.4; mnist1d/mlp/pairflip 0.4 (seeds {10000 + k}-{10000 + k})",
+        )
+        for k in range(2)
+        for noise in ("symmetric", "pairflip")
+    }
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Transfer pairs" in report and "| meta_grad@pre-trained (#1, 2) |" in report.split("## Between pre-trainings", 1)[1]
+    folders = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "report" / "pretrained").iterdir())
+    assert folders == [
+        f"{i}-meta_grad-on-grid-digits-mlp-{noise}0.4" for i, noise in ((0, "symmetric"), (1, "pairflip")) for _ in range(2)
+    ]
 
 
 def test_an_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
