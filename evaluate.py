@@ -104,7 +104,7 @@ class EvalConfig(EnvSetting, StudentTraining):
         "--leave-one-out: what each setting's teachers pre-train on: others (the grid's other settings: transfer), "
         "other-datasets (the grid's settings on another dataset: transfer to a dataset never seen) or own (the setting "
         "itself, on the pre-training seeds: the reference, what a frozen teacher pre-trained alike reaches with no "
-        "change of setting) or grid (the settings of --pretrain-grid, for every setting of the grid)",
+        "change of setting), or grid (the settings of --pretrain-grid, for every setting of the grid)",
         choices=list(PRETRAIN_ON),
     )
     pretrain_grid: Any = field(
@@ -201,13 +201,18 @@ class EvalConfig(EnvSetting, StudentTraining):
             if agent_class(self.leave_one_out).kind != "online":
                 raise ValueError(f"--leave-one-out pre-trains an online teacher; {self.leave_one_out!r} is not one")
             if self.pretrain_on == "others" and len(self.settings) < 2:
-                raise ValueError("--leave-one-out needs a grid of at least two settings (or --pretrain-on own)")
+                raise ValueError("--leave-one-out needs a grid of at least two settings (or --pretrain-on own or grid)")
             alone = [setting_label(s) for s in self.settings if not pretraining_settings("other-datasets", s, self.settings)]
             if self.pretrain_on == "other-datasets" and alone:
                 raise ValueError(f"--pretrain-on other-datasets: no setting of the grid on another dataset than {alone[0]}'s")
         if (self.pretrain_on == "grid") != (self.pretrain_grid is not None):
-            raise ValueError("--pretrain-grid and --pretrain-on grid go together: give both or neither")
-        met = [setting_label(s) for s in self.pretrain_settings if s in self.settings]
+            raise ValueError(
+                "--pretrain-grid sets the pre-trainings of --leave-one-out --pretrain-on grid: give all three or neither"
+            )
+        if self.pretrain_grid is not None and not self.pretrain_settings:
+            raise ValueError("--pretrain-grid is empty: no setting to pre-train on")
+        evaluated = [same_student(s) for s in self.settings]
+        met = [setting_label(s) for s in self.pretrain_settings if same_student(s) in evaluated]
         if met:
             raise ValueError(
                 f"--pretrain-grid holds {met[0]}, a setting of --grid: its teachers would not be evaluated on settings they never met"
@@ -267,7 +272,12 @@ class EvalConfig(EnvSetting, StudentTraining):
     @property
     def pretrain_settings(self) -> list[dict[str, Any]]:
         """The settings of --pretrain-grid (none without it)."""
-        return settings_grid(self, self.pretrain_grid) if self.pretrain_grid is not None else []
+        if self.pretrain_grid is None:
+            return []
+        try:
+            return settings_grid(self, self.pretrain_grid)
+        except ValueError as e:
+            raise ValueError(f"--pretrain-grid: {e}") from e
 
     @property
     def agent_names(self) -> list[str]:
@@ -347,6 +357,11 @@ class Job:
     @property
     def agent_name(self) -> str:
         return base_agent(self.agent)
+
+
+def same_student(setting: dict[str, Any]) -> dict[str, Any]:
+    """``setting`` as the env reads it: no student arguments and empty ones build the same student."""
+    return {**setting, "student_kwargs": setting.get("student_kwargs") or None}
 
 
 def held_out_options(agent_options: dict | None, pretrain_options: dict | None, agent: str, label: str) -> dict[str, Any]:
@@ -651,6 +666,15 @@ def check_before_training(cfg: EvalConfig, jobs: list[Job]) -> None:
             )
 
 
+def check_pretraining_settings(cfg: EvalConfig) -> None:
+    """Fail before any training if a setting of --pretrain-grid cannot be built (missing data, a split too large)."""
+    for setting in cfg.pretrain_settings:
+        try:
+            env_for(Job(setting, cfg.leave_one_out, None, cfg.pretrain_seed, cfg, cfg.lr))
+        except (ValueError, DatasetNotFoundError) as e:
+            raise type(e)(f"--pretrain-grid: {e} (setting {setting_label(setting)})") from e
+
+
 def failed_jobs(out: Path, missing: list[Job]) -> list[dict[str, str]]:
     """The latest recorded error of every job that did not finish (``errors.jsonl``)."""
     errors = read_finished(out / "errors.jsonl", canonical_key)
@@ -678,6 +702,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not jobs:
             raise ValueError("the grid is empty: nothing to run")
         check_before_training(cfg, tuning + jobs)
+        check_pretraining_settings(cfg)
         sweep = Sweep(cfg.backend, cfg.workers, cfg.ray_address, cfg.job_cpus, cfg.job_gpus)
         sweep.connect()
     except (ValueError, CheckpointError, DatasetNotFoundError) as e:

@@ -156,13 +156,31 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         (["--teachers", "runs/does-not-exist"], "does not exist"),
         (["--grid", "{noise: []}"], "the grid is empty"),
         (["--pretrain-on", "own"], "--pretrain-on sets the pre-trainings of --leave-one-out, which is not given"),
-        (["--leave-one-out", "meta_grad"], "at least two settings (or --pretrain-on own)"),
+        (["--leave-one-out", "meta_grad"], "at least two settings (or --pretrain-on own or grid)"),
         (
             ["--leave-one-out", "meta_grad", "--pretrain-on", "other-datasets", "--grid", "{noise: [symmetric, pairflip]}"],
             "--pretrain-on other-datasets: no setting of the grid on another dataset than digits/mlp/symmetric 0.4's",
         ),
-        (["--leave-one-out", "meta_grad", "--pretrain-on", "grid"], "--pretrain-grid and --pretrain-on grid go together"),
-        (["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-grid", "{dataset: [mnist1d]}"], "go together"),
+        (["--leave-one-out", "meta_grad", "--pretrain-on", "grid"], "--pretrain-grid sets the pre-trainings of --leave-one-out"),
+        (["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-grid", "{dataset: [mnist1d]}"], "give all three"),
+        (
+            ["--pretrain-grid", "{dataset: [mnist1d]}"],
+            "--pretrain-grid sets the pre-trainings of --leave-one-out --pretrain-on grid",
+        ),
+        (["--leave-one-out", "meta_grad", "--pretrain-on", "grid", "--pretrain-grid", "[]"], "--pretrain-grid is empty"),
+        (
+            [
+                "--leave-one-out",
+                "meta_grad",
+                "--pretrain-on",
+                "grid",
+                "--pretrain-grid",
+                "{dataset: [mnist]}",
+                "--data-root",
+                "/nonexistent",
+            ],
+            "--pretrain-grid: ",  # its data is missing: refused before the tuning or anything else trains
+        ),
         (
             [
                 "--leave-one-out",
@@ -176,7 +194,7 @@ def _exit_2(capsys, tmp_path, *argv: str) -> str:
         ),
         (
             ["--leave-one-out", "meta_grad", "--pretrain-on", "grid", "--pretrain-grid", "{dataset: [imagenet]}"],
-            "grid dataset must be one of",
+            "--pretrain-grid: grid dataset must be one of",
         ),
         (
             ["--leave-one-out", "meta_grad", "--pretrain-on", "own", "--pretrain-seed", "0"],
@@ -446,6 +464,12 @@ def test_leave_one_dataset_out_pretrains_on_the_other_datasets_settings_only(tmp
         p.name.split("-without-dataset-")[1].rsplit("-", 1)[0] for p in (tmp_path / "report" / "pretrained").iterdir()
     )
     assert folders == ["digits-mlp-pairflip0.4", "digits-mlp-symmetric0.4", "mnist1d-mlp-symmetric0.4"]
+
+
+def test_a_pretraining_setting_that_differs_only_by_empty_student_arguments_is_the_same_student():
+    setting = {"dataset": "digits", "student": "mlp", "noise": "symmetric", "noise_rate": 0.4, "student_kwargs": None}
+    assert evaluate.same_student({**setting, "student_kwargs": {}}) == evaluate.same_student(setting)
+    assert evaluate.same_student({**setting, "student_kwargs": {"hidden": [8]}}) != evaluate.same_student(setting)
 
 
 def test_teachers_pre_trained_on_a_grid_of_their_own_teach_every_setting_of_the_grid(tmp_path):
