@@ -177,6 +177,9 @@ def test_settings_that_choose_alike_share_the_next_coordinate_and_ties_go_to_the
     scores = [{MNIST1D: 0.5, mnist1d_pairflip: 0.9, DIGITS: 0.6}, {MNIST1D: 0.5, mnist1d_pairflip: 0.1, DIGITS: 0.7}]
     assert results.best_without(candidates[:2], scores, MNIST1D) == DECAY_A, "mnist1d / pair-flip's score counts"
     assert results.best_without(candidates[:2], scores, MNIST1D, whole_dataset=True) == DECAY_B, "digits' alone"
+    outside = "mnist/cnn/symmetric 0.4"  # a setting of none of the tuning runs: every one of them counts
+    assert results.best_without(candidates[:2], scores, outside) == DECAY_A
+    assert results.best_without(candidates[:2], [scores[0], {**scores[1], mnist1d_pairflip: 0.95}], outside) == DECAY_B
 
 
 def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
@@ -188,6 +191,12 @@ def test_transfer_yaml_pre_trains_with_the_committed_tuning_runs_choice():
     assert config["pretrain_options"] == results.transfer_choice(out)
     by_dataset = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_dataset.yaml").read_text())
     assert by_dataset["pretrain_options"] == results.transfer_choice(out, whole_dataset=True)
+    unseen = yaml.safe_load((results.TRANSFER_SUITE.parent / "transfer_mnist.yaml").read_text())
+    assert unseen["pretrain_grid"] == config["grid"], "pre-trained on every setting the tuning runs cover"
+    labels = [f"{s['dataset']}/{s['student']}/{s['noise']} {unseen['noise_rate']}" for s in unseen["grid"]]
+    assert unseen["pretrain_options"] == {label: results.transfer_choice_for(out, label) for label in labels}
+    with pytest.raises(ValueError, match="is a setting of the transfer tuning runs"):
+        results.transfer_choice_for(out, MNIST1D)
 
 
 @pytest.mark.parametrize("name,pretrain_on", [("transfer_own", "own"), ("transfer_dataset", "other-datasets")])
