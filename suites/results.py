@@ -411,7 +411,7 @@ def reading(summary: list[dict]) -> list[str]:
     for line in summary:
         if line["agent"] in ("uniform", "oracle") or line["agent"] in CLEAN_BASELINES:
             continue
-        where = f"{line['dataset']}/{line['noise']} {line['noise_rate']}"
+        where = setting_label(line)
         verdicts = []
         for key, against in (
             ("vs_uniform_final", "uniform on final accuracy"),
@@ -453,10 +453,10 @@ def against_rivals(
 def oracle_gap(summary: list[dict]) -> list[str]:
     """Per setting and metric: how much of the uniform-to-oracle gap each method closes."""
     lines = []
-    by_setting: dict[tuple, dict[str, dict]] = {}
+    by_setting: dict[str, dict[str, dict]] = {}
     for line in summary:
-        by_setting.setdefault((line["dataset"], line["noise"], line["noise_rate"]), {})[line["agent"]] = line
-    for (dataset, noise, rate), agents in by_setting.items():
+        by_setting.setdefault(setting_label(line), {})[line["agent"]] = line
+    for label, agents in by_setting.items():
         if "uniform" not in agents or "oracle" not in agents:
             continue
         for metric, name in ((FINAL, "final"), (HEADLINE, "at best held-out accuracy")):
@@ -466,10 +466,7 @@ def oracle_gap(summary: list[dict]) -> list[str]:
                 for agent, line in agents.items()
                 if agent not in ("uniform", "oracle") and high > low
             ]
-            lines.append(
-                f"- {dataset}/{noise} {rate}, {name}: uniform {100 * low:.1f}, oracle {100 * high:.1f}; gap closed: "
-                + ", ".join(parts)
-            )
+            lines.append(f"- {label}, {name}: uniform {100 * low:.1f}, oracle {100 * high:.1f}; gap closed: " + ", ".join(parts))
     return lines
 
 
@@ -659,7 +656,7 @@ def section(name: str, out: Path | None) -> list[str]:
         config = results["config"]
         pretrained_on = next(run["trained_on"] for run in results["runs"] if "@pre-trained" in run["agent"]).split(" (")[0]
         lines += [
-            f"Transfer to a dataset that no teacher, option or choice ever met: {config['pretrain_seeds']} `meta_grad` "
+            f"Transfer to a dataset that no pre-training and no teacher option met: {config['pretrain_seeds']} `meta_grad` "
             f"teachers pre-trained on {pretrained_on} ({config['pretrain_steps']:,} updates each), frozen, on fresh "
             "real-MNIST students: the mlp they learned with and the cnn, a student they never taught. Their options are "
             "the transfer search's choice with its criterion read on all four settings' tuning runs (`transfer_tuning`), "
@@ -667,9 +664,10 @@ def section(name: str, out: Path | None) -> list[str]:
             "identically). Beside them, on the same students: `meta_grad` taught online from scratch (teacher_lr tuned on "
             f"tuning student {config['tune_seed']}, as in `transfer_online`), uniform, the clean-data baselines and the "
             f"oracle. Student lr {config['lr']:g} for every method and in the pre-trainings: the lr the `mnist` suite's "
-            "tuning chose for each of its methods on MNIST / mlp (at the other transfer suites' 0.1 the oracle's tuning "
-            "student collapsed late in a first run; the yaml says more). The teachers' options were chosen at lr 0.1, "
-            "the transfer tuning's. Intervals as in `transfer_online`.",
+            "tuning chose for each of its methods on MNIST / mlp tuning students (never tuned on the cnn; at the other "
+            "transfer suites' 0.1 the oracle's tuning student collapsed late in a first run, stopped then, which also held "
+            "MNIST / mlp / pair-flip; the yaml says more). The teachers' options were chosen at lr 0.1, the transfer "
+            "tuning's. Intervals as in `transfer_online`.",
             "",
             *pretraining_comparison([("mnist1d and digits", out)], online=out),
         ]
@@ -682,7 +680,7 @@ def section(name: str, out: Path | None) -> list[str]:
     if headroom:
         lines += ["Headroom (share of the uniform-to-oracle gap closed):", "", *headroom, ""]
     finals = [
-        f"{line['dataset']} / {line['noise']}: {line['agent']} final {fmt(line['final_test_acc'], 100, 1)}"
+        f"{setting_label(line)}: {line['agent']} final {fmt(line['final_test_acc'], 100, 1)}"
         for line in summary
         if line["agent"] in CLEAN_BASELINES
     ]

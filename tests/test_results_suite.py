@@ -410,3 +410,15 @@ def test_the_committed_results_page_is_what_the_committed_results_make():
     # a generator change, or a suite re-run, must come with the page it writes (python suites/results.py --write-only)
     page = results.results_document({name: results.finished(name) for name in results.SUITES})
     assert page == (results.ROOT / "docs" / "results.md").read_text()
+
+
+def test_the_headroom_lines_keep_two_students_of_one_dataset_apart():
+    def line(agent: str, student: str, final: float) -> dict:
+        return {"agent": agent, "dataset": "mnist", "student": student, "noise": "symmetric", "noise_rate": 0.4,
+                "final_test_acc": {"mean": final}, "selected_test_acc": {"mean": final}}  # fmt: skip
+
+    summary = [line(agent, student, final) for student in ("mlp", "cnn") for agent, final in
+               (("uniform", 0.8), ("oracle", 1.0), ("meta_grad", 0.9 if student == "mlp" else 0.85))]  # fmt: skip
+    gaps = results.oracle_gap(summary)
+    assert [g.split(",")[0] for g in gaps] == ["- mnist/mlp/symmetric 0.4"] * 2 + ["- mnist/cnn/symmetric 0.4"] * 2
+    assert "meta_grad +50%" in gaps[0] and "meta_grad +25%" in gaps[2]
