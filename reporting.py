@@ -146,13 +146,14 @@ def fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> s
     return text
 
 
-def fmt_difference(stat: dict[str, Any]) -> str:
-    """``+d [lo, hi]`` (95% interval) of a mean difference, in accuracy points; ``+d`` alone for one value."""
-    mean = 100 * stat["mean"]
+def fmt_difference(stat: dict[str, Any], scale: float = 100, digits: int = 1) -> str:
+    """``+d [lo, hi]`` (95% interval) of a mean difference times ``scale`` (by default in accuracy points), to
+    ``digits`` decimals; ``+d`` alone for one value."""
+    mean = scale * stat["mean"]
     if stat["n"] < 2:
-        return f"{mean:+.1f}"
-    half = 100 * stat["ci95"]
-    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+        return f"{mean:+.{digits}f}"
+    half = scale * stat["ci95"]
+    return f"{mean:+.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
 
 
 def fmt_paired(stat: dict[str, Any] | None) -> str:

@@ -586,7 +586,7 @@ def section(name: str, out: Path | None) -> list[str]:
             "transfer suite's result is lost to the change, not a bound on it (a pre-training on other settings sees "
             "more of them).",
             "",
-            *pretraining_comparison([("its own setting", out), ("the other settings (transfer)", out.parent / "transfer")]),
+            *pretraining_comparison(frozen_groups(out.parent)[:2]),  # the leave-one-dataset-out group comes with its own suite
         ]
     if name == "transfer_dataset":
         lines += [
@@ -601,13 +601,7 @@ def section(name: str, out: Path | None) -> list[str]:
             "transfer suite's except for held-out mnist1d / symmetric (teacher_lr 0.003 instead of 0.001). Two held-out settings of one dataset pre-train on the same settings with, here, the "
             "same options: each dataset's two settings are taught by the same three teachers, pre-trained once for each.",
             "",
-            *pretraining_comparison(
-                [
-                    ("its own setting", out.parent / "transfer_own"),
-                    ("the other settings (transfer)", out.parent / "transfer"),
-                    ("the other dataset's settings", out),
-                ]
-            ),
+            *pretraining_comparison(frozen_groups(out.parent)),
         ]
     if name == "transfer_online":
         config = results["config"]
@@ -628,14 +622,7 @@ def section(name: str, out: Path | None) -> list[str]:
             "that student minus the online teacher's, with an interval over the 5 students (the spread between "
             "pre-trainings shows in the Δ-vs-uniform column, not in this one).",
             "",
-            *pretraining_comparison(
-                [
-                    ("its own setting", out.parent / "transfer_own"),
-                    ("the other settings (transfer)", out.parent / "transfer"),
-                    ("the other dataset's settings", out.parent / "transfer_dataset"),
-                ],
-                online=out,
-            ),
+            *pretraining_comparison(frozen_groups(out.parent), online=out),
         ]
     if name == "transfer_warm":
         lines += [
@@ -687,6 +674,19 @@ def section(name: str, out: Path | None) -> list[str]:
     if finals:
         lines += ["Clean-data baselines' final test accuracy (no selection): " + "; ".join(finals) + ".", ""]
     return lines
+
+
+# the frozen teachers of the transfer suites, by what they were pre-trained on: (description, suite folder)
+FROZEN_GROUPS = (
+    ("its own setting", "transfer_own"),
+    ("the other settings (transfer)", "transfer"),
+    ("the other dataset's settings", "transfer_dataset"),
+)
+
+
+def frozen_groups(results_dir: Path) -> list[tuple[str, Path]]:
+    """``FROZEN_GROUPS`` as sources of ``pretraining_comparison``, their folders under ``results_dir``."""
+    return [(description, results_dir / suite) for description, suite in FROZEN_GROUPS]
 
 
 def pretraining_comparison(sources: list[tuple[str, Path]], online: Path | None = None) -> list[str]:
@@ -741,10 +741,7 @@ def against_online(runs: list[dict], group: list[dict], setting: tuple, taught: 
     pairs = [np.mean(values) - taught[setting, seed][metric] for seed, values in by_student.items() if len(values) == len(agents)]
     if not pairs:
         return "-"
-    stat = summarise(pairs)
-    if metric == FINAL:
-        return fmt_difference(stat)
-    return f"{stat['mean']:+.3f} [{stat['mean'] - stat['ci95']:+.3f}, {stat['mean'] + stat['ci95']:+.3f}]"
+    return fmt_difference(summarise(pairs)) if metric == FINAL else fmt_difference(summarise(pairs), scale=1, digits=3)
 
 
 def pretraining_options(results: dict[str, Any]) -> str:
