@@ -44,6 +44,7 @@ from reporting import (  # noqa: E402
     summarise,
 )
 from runconfig import setting_label  # noqa: E402
+from suites.targets import targets_section  # noqa: E402
 from sweeps import append_line, read_finished  # noqa: E402
 
 SUITES = (
@@ -813,7 +814,7 @@ def finished(name: str) -> Path | None:
 
 def results_document(outputs: dict[str, Path | None]) -> str:
     """docs/results.md from each suite's folder (None: not run, or its data missing), in ``SUITES`` order."""
-    lines = [HEADER, *final_tuned_disclosure()]
+    lines = [HEADER, *final_tuned_disclosure(), *targets_section(outputs)]
     for name, out in outputs.items():
         lines += section(name, out)
     return "\n".join(lines)
