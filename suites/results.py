@@ -2,7 +2,7 @@
 teachers (leave one setting out, leave one dataset out, to real MNIST), frozen, left learning, and against the
 online teacher on the same students.
 
-    python suites/results.py                 # about 4.5 hours from scratch on 2 CPU cores; resumes if interrupted
+    python suites/results.py                 # about 5.5 hours from scratch on 2 CPU cores; resumes if interrupted
     python suites/results.py --only digits   # one suite (docs/results/<name>/)
 
 Each suite in suites/results/ runs through ``evaluate.py`` into docs/results/<suite>/ (report.md,
@@ -76,8 +76,14 @@ TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
-RL_SETTING = ["--dataset", "digits", "--noise", "pairflip", "--noise-rate", "0.4", "--val-size", "200", "--batch-size", "64",
-              "--eval-every", "100"]  # fmt: skip
+# the RL teachers' settings: the offline ones of the online suites (suites/results/mnist1d.yaml, digits.yaml), each
+# with its clean split and batch size, every agent at the default student lr (0.1); folder -> its arguments
+RL_SETTINGS = {
+    f"{dataset}-{noise}": ["--dataset", dataset, "--noise", noise, "--noise-rate", "0.4", "--val-size", val_size,
+                           "--batch-size", batch, "--eval-every", "100"]
+    for dataset, val_size, batch in (("digits", "200", "64"), ("mnist1d", "320", "128"))
+    for noise in ("pairflip", "symmetric")
+}  # fmt: skip
 DATA_ROOT = ROOT.parent / "shared" / "data"
 HEADER = """# Results
 
@@ -122,22 +128,24 @@ def recorded_path(path: Path) -> str:
 
 
 def run_rl_suite(out: Path) -> None:
-    """The RL teachers, fairly: each trained for ``RL_BUDGET`` student updates (episodes of 1,500, the
-    evaluation horizon; seed 10000) on digits / pair-flip 40%, its learning curve plotted, then
-    evaluated frozen on the reported seeds beside uniform and an online meta_grad."""
+    """The RL teachers, fairly: on each of ``RL_SETTINGS``, each trained for ``RL_BUDGET`` student updates
+    (episodes of 1,500, the evaluation horizon; seed 10000) in <setting>/teachers/, its learning curve plotted,
+    then evaluated frozen on the reported seeds beside uniform, an online meta_grad and the oracle."""
     import train_teacher
 
-    for agent in RL_AGENTS:
-        run = out / "teachers" / agent
-        if not (run / "summary.json").exists():
-            train_teacher.main([
-                "--agent", agent, *RL_SETTING, "--steps", str(RL_BUDGET), "--horizon", str(RL_HORIZON), "--reward", "accuracy",
-                "--seed", "10000", "--n-envs", "2", "--out", recorded_path(run), "--no-progress", *(["--resume"] if run.exists() else []),
-            ])  # fmt: skip
-    plot_rl_curves(out)
-    teachers = ",".join(recorded_path(out / "teachers" / agent) for agent in RL_AGENTS)
-    evaluate.main(["--agents", "uniform,meta_grad,oracle", "--teachers", teachers, *RL_SETTING, "--steps", str(RL_HORIZON), "--seeds", "5",
-                   "--device", "cpu", "--workers", "2", "--out", recorded_path(out), "--resume", "--no-progress"])  # fmt: skip
+    for folder, setting in RL_SETTINGS.items():
+        here = out / folder
+        for agent in RL_AGENTS:
+            run = here / "teachers" / agent
+            if not (run / "summary.json").exists():
+                train_teacher.main([
+                    "--agent", agent, *setting, "--steps", str(RL_BUDGET), "--horizon", str(RL_HORIZON), "--reward", "accuracy",
+                    "--seed", "10000", "--n-envs", "2", "--out", recorded_path(run), "--no-progress", *(["--resume"] if run.exists() else []),
+                ])  # fmt: skip
+        plot_rl_curves(here)
+        teachers = ",".join(recorded_path(here / "teachers" / agent) for agent in RL_AGENTS)
+        evaluate.main(["--agents", "uniform,meta_grad,oracle", "--teachers", teachers, *setting, "--steps", str(RL_HORIZON),
+                       "--seeds", "5", "--device", "cpu", "--workers", "2", "--out", recorded_path(here), "--resume", "--no-progress"])  # fmt: skip
 
 
 def _option_text(value: Any) -> str:
@@ -359,7 +367,11 @@ def plot_rl_curves(out: Path) -> None:
         window = max(1, len(returns) // 10)  # a running mean over a tenth of the episodes
         smooth = np.convolve(returns, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1 :], smooth, label=f"{agent} (running mean of {window})")
-    ax.set(xlabel="student updates of training", ylabel="episode return (final validation accuracy)", title="RL teachers")
+    ax.set(
+        xlabel="student updates of training",
+        ylabel="episode return (final validation accuracy)",
+        title=f"RL teachers, {out.name}",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
@@ -496,6 +508,33 @@ def variant_table(out: Path) -> list[str]:
     return lines
 
 
+def rl_section(out: Path) -> list[str]:
+    """The RL suite: per setting, its tables (from its report.md), the teachers' learning curves and the reading."""
+    lines = [f"## Suite `rl`: RL teachers trained for {RL_BUDGET:,} student updates each", "",
+             f"On each offline setting of the online suites, `reinforce` and `ppo` are trained for {RL_BUDGET:,} student "
+             f"updates (episodes of {RL_HORIZON:,}, the evaluation's; reward: the final validation accuracy), then "
+             "evaluated frozen on the reported students beside `uniform`, `meta_grad` (online, its defaults) and the "
+             "oracle. Every agent here runs at the default student lr (0.1), none tuned.", ""]  # fmt: skip
+    for folder in RL_SETTINGS:
+        here = out / folder
+        if not (here / "results.json").exists():
+            lines += [f"### {folder}", "", "Not run yet: `python suites/results.py --only rl`.", ""]
+            continue
+        summary = json.loads((here / "results.json").read_text())["summary"]
+        tables = (here / "report.md").read_text().split("## ", 2)[2].replace("\n## ", "\n#### ")
+        lines += [
+            "### " + tables,
+            f"Report: [`docs/results/rl/{folder}/report.md`](results/rl/{folder}/report.md); learning curves: "
+            f"![RL learning curves, {folder}](results/rl/{folder}/learning_curves.png)",
+            "",
+            "#### What the numbers say",
+            "",
+            *reading(summary),
+            "",
+        ]
+    return lines
+
+
 def section(name: str, out: Path | None) -> list[str]:
     """The suite's tables (from its report.md) and the generated reading."""
     if out is None:
@@ -503,12 +542,7 @@ def section(name: str, out: Path | None) -> list[str]:
             return [f"## {name}", "", f"Skipped: its data is not under {DATA_ROOT} on this machine.", ""]
         return [f"## {name}", "", f"Not run yet: `python suites/results.py --only {name}`.", ""]
     if name == "rl":
-        summary = json.loads((out / "results.json").read_text())["summary"]
-        lines = [f"## Suite `rl`: RL teachers trained for {RL_BUDGET:,} student updates each", "",
-                 "Report: [`docs/results/rl/report.md`](results/rl/report.md); learning curves: "
-                 "![RL learning curves](results/rl/learning_curves.png)", ""]  # fmt: skip
-        tables = (out / "report.md").read_text().split("## ", 2)[2].replace("\n## ", "\n### ")
-        return [*lines, "### " + tables, "### What the numbers say", "", *reading(summary), ""]
+        return rl_section(out)
     if name == "transfer_tuning":
         return [
             "## Suite `transfer_tuning`: the pre-training's teacher options, chosen on tuning seeds", "",
@@ -803,6 +837,8 @@ def final_tuned_disclosure() -> list[str]:
 def finished(name: str) -> Path | None:
     """The suite's folder when all its results are there (docs/results.md is rewritten from them)."""
     done = ROOT / "docs" / "results" / name
+    if name == "rl":  # a setting of it not yet run is said so in its section
+        return done if any((done / folder / "results.json").exists() for folder in RL_SETTINGS) else None
     if name != "transfer_tuning":
         return done if (done / "results.json").exists() else None
     try:

@@ -330,7 +330,8 @@ def test_runs_record_the_repositorys_folders_wherever_it_is_checked_out(monkeypa
     ((argv, where),) = calls
     assert argv[argv.index("--out") + 1] == "docs/results/digits" and where == results.ROOT
     assert Path.cwd() == tmp_path, "and returns to where it was called from"
-    assert results.recorded_path(results.ROOT / "docs" / "results" / "rl" / "teachers" / "ppo") == "docs/results/rl/teachers/ppo"
+    teachers = results.ROOT / "docs" / "results" / "rl" / "digits-pairflip" / "teachers" / "ppo"
+    assert results.recorded_path(teachers) == "docs/results/rl/digits-pairflip/teachers/ppo"
     assert results.recorded_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere"), "a folder outside it stays absolute"
 
 
@@ -404,6 +405,19 @@ def test_a_suite_without_results_is_said_to_be_not_run_unless_its_data_is_missin
     monkeypatch.setattr(results, "DATA_ROOT", Path("/nonexistent"))
     assert results.section("mnist_final_tuned", None)[2].startswith("Skipped: its data is not under /nonexistent")
     assert results.section("layers_mnist1d", None)[2].startswith("Not run yet")
+
+
+def test_the_rl_section_gives_each_setting_run_and_names_those_not_yet_run(tmp_path):
+    committed = results.ROOT / "docs" / "results" / "rl" / "digits-pairflip"
+    (tmp_path / "digits-pairflip").mkdir()
+    for name in ("report.md", "results.json"):
+        (tmp_path / "digits-pairflip" / name).write_text((committed / name).read_text())
+    section = results.rl_section(tmp_path)
+    assert any(line.startswith("### digits / mlp / pairflip 0.4\n") for line in section)  # its tables, from report.md
+    assert [section[i - 2] for i, line in enumerate(section) if line.startswith("Not run yet")] == [
+        f"### {folder}" for folder in results.RL_SETTINGS if folder != "digits-pairflip"
+    ]
+    assert any("reinforce@reinforce" in line and "does not separate from uniform" in line for line in section)
 
 
 def test_the_committed_results_page_is_what_the_committed_results_make():
