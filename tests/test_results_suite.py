@@ -420,6 +420,21 @@ def test_the_rl_section_gives_each_setting_run_and_names_those_not_yet_run(tmp_p
     assert any("reinforce@reinforce" in line and "does not separate from uniform" in line for line in section)
 
 
+def test_the_rl_settings_are_the_online_suites_offline_settings():
+    # the RL teachers are compared on "the same settings": each folder's arguments are its online suite's
+    expected = {}
+    for dataset in ("mnist1d", "digits"):
+        suite = yaml.safe_load((results.ROOT / "suites" / "results" / f"{dataset}.yaml").read_text())
+        for noise in suite["grid"]["noise"]:
+            (rate,) = suite["grid"]["noise_rate"]
+            expected[f"{dataset}-{noise}"] = {
+                "--dataset": dataset, "--noise": noise, "--noise-rate": str(rate), "--val-size": str(suite["val_size"]),
+                "--batch-size": str(suite["batch_size"]), "--eval-every": str(suite["eval_every"]),
+            }  # fmt: skip
+            assert suite["steps"] == results.RL_HORIZON  # the episodes the RL teachers train on are the evaluation's
+    assert {folder: dict(zip(argv[::2], argv[1::2])) for folder, argv in results.RL_SETTINGS.items()} == expected
+
+
 def test_the_committed_results_page_is_what_the_committed_results_make():
     # a generator change, or a suite re-run, must come with the page it writes (python suites/results.py --write-only)
     page = results.results_document({name: results.finished(name) for name in results.SUITES})
