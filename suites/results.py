@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -76,14 +77,7 @@ TRANSFER_SUITE = ROOT / "suites" / "results" / "transfer.yaml"
 TRANSFER_TUNING_SEED = 1000  # students 1000-1004, disjoint from the reported 0-4
 TRANSFER_TUNING_PRETRAIN_SEED = 20_000  # the tuning's own pre-trainings, not the reported teachers (seeds 10000-10011)
 RL_AGENTS, RL_BUDGET, RL_HORIZON = ("reinforce", "ppo"), 30_000, 1500  # training budget in student updates; episode length
-# the RL teachers' settings: the offline ones of the online suites (suites/results/mnist1d.yaml, digits.yaml), each
-# with its clean split and batch size, every agent at the default student lr (0.1); folder -> its arguments
-RL_SETTINGS = {
-    f"{dataset}-{noise}": ["--dataset", dataset, "--noise", noise, "--noise-rate", "0.4", "--val-size", val_size,
-                           "--batch-size", batch, "--eval-every", "100"]
-    for dataset, val_size, batch in (("digits", "200", "64"), ("mnist1d", "320", "128"))
-    for noise in ("pairflip", "symmetric")
-}  # fmt: skip
+RL_SUITES = ("mnist1d", "digits", "mnist")  # the online suites whose settings the RL teachers are compared on
 DATA_ROOT = ROOT.parent / "shared" / "data"
 HEADER = """# Results
 
@@ -127,13 +121,36 @@ def recorded_path(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else str(path)
 
 
+def rl_settings() -> dict[str, list[str]]:
+    """The RL teachers' settings, folder -> arguments: every setting of ``RL_SUITES``, each with its suite's clean
+    split, training-set size, batch size and evaluation interval (every agent at the default student lr)."""
+    settings: dict[str, list[str]] = {}
+    for name in RL_SUITES:
+        suite = yaml.safe_load((ROOT / "suites" / "results" / f"{name}.yaml").read_text())
+        shared = [arg for key in ("val_size", "train_size", "batch_size", "eval_every") if key in suite
+                  for arg in (f"--{key.replace('_', '-')}", str(suite[key]))]  # fmt: skip
+        grid = suite["grid"]
+        for dataset, student, noise, rate in itertools.product(
+            grid["dataset"], grid["student"], grid["noise"], grid["noise_rate"]
+        ):
+            folder = f"{dataset}-{noise}" if student == "mlp" else f"{dataset}-{student}-{noise}"
+            if folder in settings or len(grid["noise_rate"]) > 1:
+                raise ValueError(f"suites/results/{name}.yaml: its settings need folder names with more in them than {folder}")
+            settings[folder] = ["--dataset", dataset, "--student", student, "--noise", noise, "--noise-rate", str(rate), *shared]
+    return settings
+
+
 def run_rl_suite(out: Path) -> None:
-    """The RL teachers, fairly: on each of ``RL_SETTINGS``, each trained for ``RL_BUDGET`` student updates
-    (episodes of 1,500, the evaluation horizon; seed 10000) in <setting>/teachers/, its learning curve plotted,
-    then evaluated frozen on the reported seeds beside uniform, an online meta_grad and the oracle."""
+    """The RL teachers, fairly: on each of ``rl_settings()`` whose data is here, each trained for ``RL_BUDGET``
+    student updates (episodes of 1,500, the evaluation horizon; seed 10000) in <setting>/teachers/, its learning
+    curve plotted, then evaluated frozen on the reported seeds beside uniform, an online meta_grad and the oracle."""
     import train_teacher
 
-    for folder, setting in RL_SETTINGS.items():
+    for folder, setting in rl_settings().items():
+        if reads_mnist(folder.partition("-")[0]):
+            if not mnist_present():
+                continue
+            setting = [*setting, "--data-root", os.path.relpath(DATA_ROOT, ROOT)]
         here = out / folder
         for agent in RL_AGENTS:
             run = here / "teachers" / agent
@@ -510,17 +527,23 @@ def variant_table(out: Path) -> list[str]:
 def rl_section(out: Path) -> list[str]:
     """The RL suite: per setting, its tables (from its report.md), the teachers' learning curves and the reading."""
     lines = [f"## Suite `rl`: RL teachers trained for {RL_BUDGET:,} student updates each", "",
-             f"On each offline setting of the online suites, `reinforce` and `ppo` are trained for {RL_BUDGET:,} student "
+             f"On each setting of the online suites (`{'`, `'.join(RL_SUITES)}`), `reinforce` and `ppo` are trained for {RL_BUDGET:,} student "
              f"updates (episodes of {RL_HORIZON:,}, the evaluation's; reward: the final validation accuracy), then "
              "evaluated frozen on the reported students beside `uniform`, `meta_grad` (online, its defaults) and the "
              "oracle. Every agent here runs at the default student lr (0.1), none tuned, and `meta_grad` at its default "
              "teacher_lr (0.03): unlike the online suites, which chose lr 0.03 on digits and tuned meta_grad's teacher_lr, "
              "so their numbers differ from these. Each teacher trains over "
              f"{RL_BUDGET // RL_HORIZON} episodes, two at a time; its learning curve gives each episode's return.", ""]  # fmt: skip
-    for folder in RL_SETTINGS:
+    for folder in rl_settings():
         here = out / folder
         if not (here / "results.json").exists():
-            lines += [f"### {folder}", "", "Not run yet: `python suites/results.py --only rl`.", ""]
+            absent = reads_mnist(folder.partition("-")[0]) and not mnist_present()
+            why = (
+                f"Skipped: its data is not under {DATA_ROOT} on this machine."
+                if absent
+                else "Not run yet: `python suites/results.py --only rl`."
+            )
+            lines += [f"### {folder}", "", why, ""]
             continue
         summary = json.loads((here / "results.json").read_text())["summary"]
         tables = (here / "report.md").read_text().split("## ", 2)[2].replace("\n## ", "\n#### ")
@@ -840,7 +863,7 @@ def finished(name: str) -> Path | None:
     """The suite's folder when all its results are there (docs/results.md is rewritten from them)."""
     done = ROOT / "docs" / "results" / name
     if name == "rl":  # a setting of it not yet run is said so in its section
-        return done if any((done / folder / "results.json").exists() for folder in RL_SETTINGS) else None
+        return done if any((done / folder / "results.json").exists() for folder in rl_settings()) else None
     if name != "transfer_tuning":
         return done if (done / "results.json").exists() else None
     try:

@@ -415,24 +415,23 @@ def test_the_rl_section_gives_each_setting_run_and_names_those_not_yet_run(tmp_p
     section = results.rl_section(tmp_path)
     assert any(line.startswith("### digits / mlp / pairflip 0.4\n") for line in section)  # its tables, from report.md
     assert [section[i - 2] for i, line in enumerate(section) if line.startswith("Not run yet")] == [
-        f"### {folder}" for folder in results.RL_SETTINGS if folder != "digits-pairflip"
+        f"### {folder}" for folder in results.rl_settings() if folder != "digits-pairflip"
     ]
     assert any("reinforce@reinforce" in line and "does not separate from uniform" in line for line in section)
 
 
-def test_the_rl_settings_are_the_online_suites_offline_settings():
+def test_the_rl_settings_are_the_online_suites_settings():
     # the RL teachers are compared on "the same settings": each folder's arguments are its online suite's
-    expected = {}
-    for dataset in ("mnist1d", "digits"):
-        suite = yaml.safe_load((results.ROOT / "suites" / "results" / f"{dataset}.yaml").read_text())
-        for noise in suite["grid"]["noise"]:
-            (rate,) = suite["grid"]["noise_rate"]
-            expected[f"{dataset}-{noise}"] = {
-                "--dataset": dataset, "--noise": noise, "--noise-rate": str(rate), "--val-size": str(suite["val_size"]),
-                "--batch-size": str(suite["batch_size"]), "--eval-every": str(suite["eval_every"]),
-            }  # fmt: skip
-            assert suite["steps"] == results.RL_HORIZON  # the episodes the RL teachers train on are the evaluation's
-    assert {folder: dict(zip(argv[::2], argv[1::2])) for folder, argv in results.RL_SETTINGS.items()} == expected
+    settings = {folder: dict(zip(argv[::2], argv[1::2])) for folder, argv in results.rl_settings().items()}
+    assert list(settings) == ["mnist1d-symmetric", "mnist1d-pairflip", "digits-symmetric", "digits-pairflip", "mnist-symmetric"]
+    assert settings["mnist1d-pairflip"] == {
+        "--dataset": "mnist1d", "--student": "mlp", "--noise": "pairflip", "--noise-rate": "0.4", "--val-size": "320",
+        "--batch-size": "128", "--eval-every": "100",
+    }  # fmt: skip
+    assert settings["mnist-symmetric"]["--train-size"] == "10000"  # the mnist suite's subset, not all 60,000
+    assert settings["digits-symmetric"]["--val-size"] == "200" and "--train-size" not in settings["digits-symmetric"]
+    for name in results.RL_SUITES:  # the episodes the RL teachers train on are the evaluation's
+        assert yaml.safe_load((results.ROOT / "suites" / "results" / f"{name}.yaml").read_text())["steps"] == results.RL_HORIZON
 
 
 def test_the_committed_results_page_is_what_the_committed_results_make():
