@@ -429,6 +429,7 @@ def test_the_rl_settings_are_the_online_suites_settings():
         "--batch-size": "128", "--eval-every": "100",
     }  # fmt: skip
     assert settings["mnist-symmetric"]["--train-size"] == "10000"  # the mnist suite's subset, not all 60,000
+    assert settings["mnist-symmetric"]["--lr"] == "0.03" and "--lr" not in settings["digits-pairflip"]
     assert settings["digits-symmetric"]["--val-size"] == "200" and "--train-size" not in settings["digits-symmetric"]
     for name in results.RL_SUITES:  # the episodes the RL teachers train on are the evaluation's
         assert yaml.safe_load((results.ROOT / "suites" / "results" / f"{name}.yaml").read_text())["steps"] == results.RL_HORIZON
