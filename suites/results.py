@@ -164,10 +164,10 @@ def run_rl_suite(out: Path) -> None:
     import train_teacher
 
     for folder, setting in rl_settings().items():
-        if reads_mnist(folder.partition("-")[0]):
-            if not mnist_present():
-                continue
-            setting = [*setting, "--data-root", os.path.relpath(DATA_ROOT, ROOT)]
+        data_root = data_root_args(folder.partition("-")[0])
+        if data_root is None:
+            continue
+        setting = [*setting, *data_root]
         here = out / folder
         for agent in RL_AGENTS:
             run = here / "teachers" / agent
@@ -428,10 +428,10 @@ def _run_suite(name: str) -> Path | None:
         return out
     suite = name.removesuffix(FINAL_TUNED)
     argv = ["--suite", str(ROOT / "suites" / "results" / f"{suite}.yaml"), "--out", recorded_path(out), "--resume", "--no-progress"]  # fmt: skip
-    if reads_mnist(suite):  # real MNIST, from ../shared/data
-        if not mnist_present():
-            return None
-        argv += ["--data-root", os.path.relpath(DATA_ROOT, ROOT)]  # ../shared/data, the same from every checkout
+    data_root = data_root_args(suite)
+    if data_root is None:
+        return None
+    argv += data_root
     if name == "transfer_warm":  # the transfer suite's teachers, left learning: its pre-trainings, not new ones
         share_pretrainings(ROOT / "docs" / "results" / "transfer" / "pretrained", out / "pretrained")
     if suite != name:
@@ -444,6 +444,22 @@ def _run_suite(name: str) -> Path | None:
 def reads_mnist(suite: str) -> bool:
     """Whether the suite (or its ``_final_tuned`` twin) trains on real MNIST, which only some machines hold."""
     return suite.removesuffix(FINAL_TUNED).rpartition("_")[2] == "mnist"
+
+
+def data_root_args(name: str) -> list[str] | None:
+    """What points a suite (or a dataset) at its data: nothing for the offline ones, ``--data-root ../shared/data``
+    (the same from every checkout) for real MNIST, None where its data is not on this machine."""
+    if not reads_mnist(name):
+        return []
+    return ["--data-root", os.path.relpath(DATA_ROOT, ROOT)] if mnist_present() else None
+
+
+def not_run(name: str, only: str) -> str:
+    """Why a suite (or a dataset's part of one) has no results yet: its data is not on this machine, or ``--only``
+    has not run it."""
+    if data_root_args(name) is None:
+        return f"Skipped: its data is not under {DATA_ROOT} on this machine."
+    return f"Not run yet: `python suites/results.py --only {only}`."
 
 
 def mnist_present() -> bool:
@@ -556,13 +572,7 @@ def rl_section(out: Path) -> list[str]:
     for folder in rl_settings():
         here = out / folder
         if not (here / "results.json").exists():
-            absent = reads_mnist(folder.partition("-")[0]) and not mnist_present()
-            why = (
-                f"Skipped: its data is not under {DATA_ROOT} on this machine."
-                if absent
-                else "Not run yet: `python suites/results.py --only rl`."
-            )
-            lines += [f"### {folder}", "", why, ""]
+            lines += [f"### {folder}", "", not_run(folder.partition("-")[0], "rl"), ""]
             continue
         summary = json.loads((here / "results.json").read_text())["summary"]
         tables = (here / "report.md").read_text().split("## ", 2)[2].replace("\n## ", "\n#### ")
@@ -582,9 +592,7 @@ def rl_section(out: Path) -> list[str]:
 def section(name: str, out: Path | None) -> list[str]:
     """The suite's tables (from its report.md) and the generated reading."""
     if out is None:
-        if reads_mnist(name) and not mnist_present():
-            return [f"## {name}", "", f"Skipped: its data is not under {DATA_ROOT} on this machine.", ""]
-        return [f"## {name}", "", f"Not run yet: `python suites/results.py --only {name}`.", ""]
+        return [f"## {name}", "", not_run(name, name), ""]
     if name == "rl":
         return rl_section(out)
     if name == "transfer_tuning":

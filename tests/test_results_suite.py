@@ -407,17 +407,26 @@ def test_a_suite_without_results_is_said_to_be_not_run_unless_its_data_is_missin
     assert results.section("layers_mnist1d", None)[2].startswith("Not run yet")
 
 
-def test_the_rl_section_gives_each_setting_run_and_names_those_not_yet_run(tmp_path):
+def test_the_rl_section_gives_each_setting_run_and_names_those_not_yet_run(tmp_path, monkeypatch):
     committed = results.ROOT / "docs" / "results" / "rl" / "digits-pairflip"
-    (tmp_path / "digits-pairflip").mkdir()
+    out = tmp_path / "rl"
+    (out / "digits-pairflip").mkdir(parents=True)
     for name in ("report.md", "results.json"):
-        (tmp_path / "digits-pairflip" / name).write_text((committed / name).read_text())
-    section = results.rl_section(tmp_path)
+        (out / "digits-pairflip" / name).write_text((committed / name).read_text())
+    mnist = tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    mnist.parent.mkdir(parents=True)
+    mnist.write_bytes(b"")
+    monkeypatch.setattr(results, "DATA_ROOT", tmp_path / "data")  # MNIST's data here: every other setting not yet run
+    section = results.rl_section(out)
     assert any(line.startswith("### digits / mlp / pairflip 0.4\n") for line in section)  # its tables, from report.md
     assert [section[i - 2] for i, line in enumerate(section) if line.startswith("Not run yet")] == [
         f"### {folder}" for folder in results.rl_settings() if folder != "digits-pairflip"
     ]
     assert any("reinforce@reinforce" in line and "does not separate from uniform" in line for line in section)
+    monkeypatch.setattr(results, "DATA_ROOT", tmp_path / "nothing")  # without it, MNIST's setting is skipped, and said so
+    section = results.rl_section(out)
+    skipped = [section[i - 2] for i, line in enumerate(section) if line.startswith("Skipped: its data is not under")]
+    assert skipped == ["### mnist-symmetric"]
 
 
 def test_the_rl_settings_are_the_online_suites_settings():
