@@ -160,7 +160,8 @@ def rl_settings() -> dict[str, list[str]]:
 def run_rl_suite(out: Path) -> None:
     """The RL teachers, fairly: on each of ``rl_settings()`` whose data is here, each trained for ``RL_BUDGET``
     student updates (episodes of 1,500, the evaluation horizon; seed 10000) in <setting>/teachers/, its learning
-    curve plotted, then evaluated frozen on the reported seeds beside uniform, an online meta_grad and the oracle."""
+    curve plotted, then evaluated frozen on the reported seeds beside uniform, the clean-data baselines, an online
+    meta_grad and the oracle."""
     import train_teacher
 
     for folder, setting in rl_settings().items():
@@ -178,7 +179,7 @@ def run_rl_suite(out: Path) -> None:
                 ])  # fmt: skip
         plot_rl_curves(here)
         teachers = ",".join(recorded_path(here / "teachers" / agent) for agent in RL_AGENTS)
-        evaluate.main(["--agents", "uniform,meta_grad,oracle", "--teachers", teachers, *setting, "--steps", str(RL_HORIZON),
+        evaluate.main(["--agents", "uniform,clean_only,uniform_plus_clean,finetune,meta_grad,oracle", "--teachers", teachers, *setting, "--steps", str(RL_HORIZON),
                        "--seeds", "5", "--device", "cpu", "--workers", "2", "--out", recorded_path(here), "--resume", "--no-progress"])  # fmt: skip
 
 
@@ -562,7 +563,7 @@ def rl_section(out: Path) -> list[str]:
     lines = [f"## Suite `rl`: RL teachers trained for {RL_BUDGET:,} student updates each", "",
              f"On each setting of the online suites (`{'`, `'.join(RL_SUITES)}`), `reinforce` and `ppo` are trained for {RL_BUDGET:,} student "
              f"updates (episodes of {RL_HORIZON:,}, the evaluation's; reward: the final validation accuracy), then "
-             "evaluated frozen on the reported students beside `uniform`, `meta_grad` (online, its defaults) and the "
+             "evaluated frozen on the reported students beside `uniform`, the clean-data baselines, `meta_grad` (online, its defaults) and the "
              "oracle. Every agent here runs at one student lr, none tuned: the default 0.1, and on MNIST 0.03, the mnist "
              "suite's choice for all its methods (a first run at 0.1 saw the oracle and meta_grad collapse on some students: "
              "77.4 +- 27.4 and 69.9 +- 33.4 against uniform's 81.1, with reinforce and ppo at 84.1 and 81.2, AUROC 0.03); "
